@@ -1,0 +1,300 @@
+"""Shared infrastructure for every command of the suite.
+
+Everything here is protocol-neutral plumbing that each pretraining / transfer command needs in the
+same form: one-line user errors, atomic writes, checkpoint hashing, the data root, mmengine configs,
+seeding, safe ``torch.load`` and DDP initialisation. Protocol code lives in the task modules.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Environment variable that locates the datasets (COCO, ADE20K, iNat, Places365, ImageNet).
+DATA_ROOT_ENV = "CROSSMAE_DATA_ROOT"
+
+
+class UserError(Exception):
+    """An error caused by the user's input (a file, a flag, a config value).
+
+    Its message is a single line that names the offending file or option and the problem; command-line
+    entry points print it as ``error: <message>`` and exit with status 2 (see :func:`cli_entry`).
+    """
+
+
+def cli_entry(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a command's ``main(argv)`` so a :class:`UserError` ends the process cleanly.
+
+    The wrapped function prints ``error: <one line>`` on stderr and calls ``sys.exit(2)``; any other
+    exception propagates with its traceback (that is a bug, not bad input).
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as exc:
+            msg = " ".join(str(exc).split("\n"))
+            print(f"error: {msg}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------------------
+# atomic writes
+# --------------------------------------------------------------------------------------------------
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` through a temporary file in the same folder and ``os.replace``.
+
+    A reader never sees a half-written checkpoint: either the old file or the complete new one.
+    """
+    return _atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON atomically (temp file + rename). Returns the path."""
+    return _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"),
+                         binary=False)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` atomically (temp file + rename). Returns the path."""
+    return _atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (used to key caches and to identify checkpoints in results)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# data root, configs, seeding
+# --------------------------------------------------------------------------------------------------
+def resolve_data_root(arg: str | os.PathLike | None = None) -> Path:
+    """The datasets' root folder: ``arg`` if given, else ``$CROSSMAE_DATA_ROOT``, else ``../shared/data``
+    next to the repository (the bundled real subsets).
+
+    Raises:
+        UserError: the folder does not exist.
+    """
+    if arg:
+        root = Path(arg)
+    elif os.environ.get(DATA_ROOT_ENV):
+        root = Path(os.environ[DATA_ROOT_ENV])
+    else:
+        root = REPO_ROOT.parent / "shared" / "data"
+    root = root.expanduser()
+    if not root.is_dir():
+        raise UserError(f"{root}: data root does not exist (set --data-root or ${DATA_ROOT_ENV})")
+    return root
+
+
+def parse_cfg_options(options: Iterable[str] | None) -> dict:
+    """Turn ``["a.b=1", "c=[1,2]", "d=foo"]`` into ``{"a.b": 1, "c": [1, 2], "d": "foo"}``.
+
+    Values are parsed as Python literals when possible (numbers, lists, tuples, booleans, None),
+    otherwise kept as strings — the behaviour of mmengine's ``DictAction``.
+
+    Raises:
+        UserError: an option is not of the form ``key=value``.
+    """
+    import ast
+
+    out: dict = {}
+    for opt in options or []:
+        if "=" not in opt:
+            raise UserError(f"--cfg-options {opt!r}: expected key=value")
+        key, value = opt.split("=", 1)
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            lowered = value.lower()
+            parsed = {"true": True, "false": False, "none": None}.get(lowered, value)
+        out[key.strip()] = parsed
+    return out
+
+
+def load_config(config: str | os.PathLike, cfg_options: Iterable[str] | None = None,
+                preset_dir: str | os.PathLike | None = None):
+    """Load an mmengine Python config and apply ``--cfg-options`` overrides.
+
+    Args:
+        config: a path to a ``.py`` config, or a preset name looked up as ``<preset_dir>/<name>.py``.
+        cfg_options: ``key=value`` strings (dotted keys), applied with ``Config.merge_from_dict``.
+        preset_dir: the folder of the command's presets (e.g. ``configs/pretrain``).
+
+    Returns:
+        ``mmengine.Config``.
+
+    Raises:
+        UserError: the file does not exist, cannot be parsed, or an override names an unknown key.
+    """
+    from mmengine.config import Config
+
+    path = Path(config)
+    if not path.suffix and preset_dir is not None:
+        path = Path(preset_dir) / f"{config}.py"
+    if not path.is_file():
+        known = ""
+        if preset_dir is not None and Path(preset_dir).is_dir():
+            known = " (presets: " + ", ".join(sorted(p.stem for p in Path(preset_dir).glob("*.py")
+                                                     if not p.stem.startswith("_"))) + ")"
+        raise UserError(f"{path}: config not found{known}")
+    try:
+        cfg = Config.fromfile(str(path))
+    except Exception as exc:  # mmengine raises several types for syntax / import errors
+        raise UserError(f"{path}: cannot parse config: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    overrides = parse_cfg_options(cfg_options)
+    for key in overrides:
+        head = key.split(".")[0]
+        if head not in cfg:
+            raise UserError(f"{path}: --cfg-options names unknown key {key!r}")
+    if overrides:
+        cfg.merge_from_dict(overrides)
+    return cfg
+
+
+def config_hash(cfg_dict: dict) -> str:
+    """Short SHA-256 (16 hex chars) of a config's canonical JSON, for the leaderboard."""
+    blob = json.dumps(cfg_dict, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices); with ``deterministic`` also ask torch for
+    deterministic kernels (``warn_only`` so ops without one still run)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: derive NumPy / random seeds from torch's per-worker seed."""
+    s = torch.initial_seed() % (2**32)
+    np.random.seed(s)
+    random.seed(s)
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------------
+#: Classes a known checkpoint format may hold besides tensors and containers: the official MAE /
+#: CrossMAE training scripts store their ``argparse.Namespace`` under ``args``.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``, allow-listing only :data:`SAFE_GLOBALS`.
+
+    Raises:
+        UserError: missing file, empty/truncated file, or a pickle that needs other globals
+            (a pickle that would run code is refused, never executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint file not found")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: checkpoint file is empty")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle_errors() as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Unsupported global" in str(exc) or "weights_only" in str(exc):
+            glob = _unsupported_global(str(exc))
+            raise UserError(f"{path}: refused to unpickle {glob or 'an object'} "
+                            f"(weights_only=True; only tensors and argparse.Namespace are allowed)")
+        raise UserError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {first}")
+
+
+def pickle_errors() -> tuple[type[BaseException], ...]:
+    import pickle
+    import zipfile
+    return (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
+            AttributeError, TypeError, KeyError, IndexError)
+
+
+def _unsupported_global(msg: str) -> str | None:
+    import re
+    m = re.search(r"Unsupported global: GLOBAL ([\w\.]+)", msg)
+    return m.group(1) if m else None
+
+
+# --------------------------------------------------------------------------------------------------
+# distributed
+# --------------------------------------------------------------------------------------------------
+def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
+    """Initialise ``torch.distributed`` from torchrun / Slurm-submitit environment variables.
+
+    Uses ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` when present (set
+    by torchrun, or by ``submitit.helpers.TorchDistributedEnvironment().export()``). With no such
+    variables, or ``WORLD_SIZE=1``, nothing is initialised.
+
+    Returns:
+        ``(rank, world_size, local_rank)``.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, init_method="env://", world_size=world, rank=rank)
+    return rank, world, local_rank
+
+
+def is_main_process() -> bool:
+    """True on rank 0, or when not running distributed."""
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
