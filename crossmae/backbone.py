@@ -1,0 +1,490 @@
+"""Backbone API: any MAE / CrossMAE / timm ViT checkpoint in, a ViT backbone out, with a strict report.
+
+Every transfer task loads its backbone through this module, so that no task ever starts from a
+silently partial load (REFERENCE.md §7: detectron2 skips shape mismatches with a warning, mmseg
+loads non-strictly and a wrong prefix loads nothing).
+
+Formats recognised (``LoadReport.format``):
+    ``mae_pretrain``       official MAE pretraining checkpoint (``{'model', 'optimizer', 'epoch',
+                           'scaler', 'args'}``, decoder with ``decoder_embed`` and self-attention).
+    ``crossmae_pretrain``  official CrossMAE pretraining checkpoint (cross-attention decoder; no
+                           final encoder ``norm`` when inter-block attention is on). Our own
+                           ``crossmae.pretrain`` writes both of these layouts.
+    ``mae_finetune``       MAE fine-tuned checkpoint (``{'model': …}`` with ``head`` and ``fc_norm``
+                           or ``norm``).
+    ``timm``               a bare timm ``VisionTransformer`` state dict (``.pth`` or ``.safetensors``).
+    ``project_encoder``    an encoder exported by :func:`export_encoder` (``{'model', 'meta'}``).
+
+Command line::
+
+    python -m crossmae.backbone inspect CKPT [--arch vit_base_patch16] [--img-size 224]
+    python -m crossmae.backbone export CKPT OUT.pth [--arch ...]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import ARCHS, get_arch
+from .utils import UserError, atomic_save, cli_entry, safe_torch_load, sha256_file
+
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.", "head.")
+DECODER_PREFIXES = ("decoder_", "mask_token", "dec_norms.", "wfm.")
+#: The 12 tensors of one encoder block (timm / MAE names).
+BLOCK_KEYS = tuple(f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+                   for p in ("weight", "bias"))
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class BackboneLoadError(UserError):
+    """A checkpoint that cannot become the requested backbone. One line: ``<file>: <reason>``."""
+
+
+@dataclass
+class LoadReport:
+    """What a backbone load did, key by key.
+
+    Attributes:
+        path: the checkpoint file. sha256: its SHA-256. format: see the module docstring.
+        arch: the architecture name (``vit_base_patch16`` …). has_final_norm: the checkpoint has
+            the encoder's final ``norm`` (MAE yes; CrossMAE with inter-block attention no).
+        loaded: keys copied into the target model. missing: target keys left at their
+            initialisation (only ever ones the caller allowed, e.g. a new head). unexpected:
+            checkpoint encoder keys the target has no place for (only ever allowed ones).
+        ignored: checkpoint keys deliberately not used (the pretraining decoder, MAE's ``norm``
+            when the task pools with ``fc_norm``, the cls token for ViTDet …).
+        pos_embed_resized: ``(old_grid, new_grid)`` (each (h, w)) when the position embedding was
+            bicubically interpolated, else None.
+        meta: pretraining facts read from the checkpoint's ``args`` (method, mask ratio, prediction
+            ratio, decoder depth, epochs …) where present.
+    """
+    path: str
+    sha256: str
+    format: str
+    arch: str
+    has_final_norm: bool
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    pos_embed_resized: tuple | None = None
+    target: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """A few human-readable lines for logs."""
+        lines = [f"backbone {self.path} (sha256 {self.sha256[:12]}…): format {self.format}, arch {self.arch}, "
+                 f"final norm {'yes' if self.has_final_norm else 'no'}"]
+        if self.target:
+            lines.append(f"  into {self.target}: loaded {len(self.loaded)} tensors, missing {len(self.missing)}"
+                         f"{' ' + _short(self.missing) if self.missing else ''}, unexpected {len(self.unexpected)}"
+                         f"{' ' + _short(self.unexpected) if self.unexpected else ''}")
+        if self.ignored:
+            lines.append(f"  ignored {len(self.ignored)} checkpoint keys: {_short(_group(self.ignored))}")
+        if self.pos_embed_resized:
+            (a, b), (c, d) = self.pos_embed_resized
+            lines.append(f"  pos_embed resized (bicubic) from a {a}x{b} to a {c}x{d} grid")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (for metrics files)."""
+        d = asdict(self)
+        d["n_loaded"], d["n_missing"], d["n_unexpected"], d["n_ignored"] = (
+            len(self.loaded), len(self.missing), len(self.unexpected), len(self.ignored))
+        return d
+
+
+def _short(keys: Iterable[str], n: int = 6) -> str:
+    keys = list(keys)
+    return "[" + ", ".join(keys[:n]) + (f", … +{len(keys) - n}" if len(keys) > n else "") + "]"
+
+
+def _group(keys: Iterable[str]) -> list[str]:
+    """Collapse ``decoder_blocks.3.mlp.fc1.weight`` etc. into ``decoder_blocks.*`` for display."""
+    out: list[str] = []
+    for k in keys:
+        g = re.sub(r"\.\d+\..*$", ".*", k)
+        if g not in out:
+            out.append(g)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------------
+def _read_raw(path: Path) -> tuple[dict, dict | None, object, str]:
+    """(state_dict, container-or-None, args, container kind) from a file; safe loading only."""
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise BackboneLoadError(f"{path}: checkpoint file not found")
+        try:
+            from safetensors.torch import load_file
+            return load_file(str(path)), None, None, "bare"
+        except Exception as exc:
+            raise BackboneLoadError(f"{path}: not a readable safetensors file: {str(exc).splitlines()[0]}")
+    try:
+        obj = safe_torch_load(path)
+    except UserError as exc:
+        raise BackboneLoadError(str(exc)) from None
+    if not isinstance(obj, dict):
+        raise BackboneLoadError(f"{path}: not a ViT checkpoint (holds a {type(obj).__name__}, not a dict)")
+    for key in ("model", "state_dict"):
+        if isinstance(obj.get(key), dict):
+            return obj[key], obj, obj.get("args"), key
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, None, None, "bare"
+    raise BackboneLoadError(f"{path}: not a ViT checkpoint (no 'model' or 'state_dict' entry and not a "
+                            f"state dict; top-level keys {_short(obj.keys())})")
+
+
+def _strip_wrappers(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _WRAPPER_PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def _detect_format(sd: dict, container: dict | None) -> str:
+    if container is not None and isinstance(container.get("meta"), dict) \
+            and container["meta"].get("format") == "project_encoder":
+        return "project_encoder"
+    if any(k.startswith("decoder_blocks.") for k in sd):
+        return "crossmae_pretrain" if any(".cross_attn." in k for k in sd) else "mae_pretrain"
+    if container is not None and ("head.weight" in sd or "fc_norm.weight" in sd):
+        return "mae_finetune"
+    return "timm"
+
+
+def _args_meta(args, container: dict | None, fmt: str) -> dict:
+    meta: dict = {}
+    if container is not None and isinstance(container.get("meta"), dict):
+        meta.update(container["meta"])
+    if args is not None:
+        a = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
+        for k in ("model", "input_size", "mask_ratio", "kept_mask_ratio", "decoder_depth", "decoder_embed_dim",
+                  "epochs", "weight_fm", "use_fm", "use_input", "norm_pix_loss", "blr", "batch_size"):
+            if k in a:
+                meta[k] = a[k]
+        if container is not None and "epoch" in container:
+            meta["epoch"] = container["epoch"]
+    if "method" not in meta:
+        meta["method"] = {"mae_pretrain": "mae", "crossmae_pretrain": "crossmae"}.get(fmt, meta.get("method"))
+    if meta.get("method") == "mae" and "mask_ratio" in meta and meta.get("kept_mask_ratio") is None:
+        meta["kept_mask_ratio"] = meta["mask_ratio"]
+    return meta
+
+
+def _infer_arch(path: Path, sd: dict, arch: str | None) -> tuple[str, int, int, int]:
+    """(arch name, patch size, width, depth) checked against the checkpoint's tensors."""
+    w = sd.get("patch_embed.proj.weight")
+    if w is None or not any(k.startswith("blocks.") for k in sd):
+        raise BackboneLoadError(f"{path}: not a ViT checkpoint (no patch_embed.proj.weight / blocks.* keys; "
+                                f"keys look like {_short(sorted(sd))})")
+    if w.ndim != 4 or w.shape[-1] != w.shape[-2]:
+        raise BackboneLoadError(f"{path}: patch_embed.proj.weight has shape {tuple(w.shape)}, expected (D, C, p, p)")
+    width, patch = int(w.shape[0]), int(w.shape[-1])
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    if arch is None:
+        found = [n for n, a in ARCHS.items() if (a.patch_size, a.embed_dim, a.depth) == (patch, width, depth)]
+        if not found:
+            raise BackboneLoadError(f"{path}: no known architecture has patch {patch}, width {width}, depth {depth} "
+                                    f"(known: {sorted(ARCHS)}); pass arch=")
+        return found[0], patch, width, depth
+    try:
+        a = get_arch(arch)
+    except ValueError as exc:
+        raise BackboneLoadError(f"{path}: {exc}") from None
+    if a.patch_size != patch:
+        raise BackboneLoadError(f"{path}: patch size {patch} does not match {arch} (patch {a.patch_size})")
+    if a.embed_dim != width:
+        raise BackboneLoadError(f"{path}: width {width} does not match {arch} (width {a.embed_dim})")
+    if depth < a.depth:
+        raise BackboneLoadError(f"{path}: missing encoder blocks: the checkpoint has {depth} blocks, {arch} needs "
+                                f"{a.depth}")
+    if depth > a.depth:
+        raise BackboneLoadError(f"{path}: the checkpoint has {depth} encoder blocks, {arch} has {a.depth}")
+    return arch, patch, width, a.depth
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
+    """Bicubically interpolate a ViT position embedding to a new patch grid.
+
+    As MAE ``util/pos_embed.interpolate_pos_embed`` (``F.interpolate(mode='bicubic',
+    align_corners=False)`` on the (1, D, h, w) patch part; prefix rows such as the cls token are kept).
+
+    Args:
+        pos_embed: (1, num_prefix + h·w, D) with a square old grid.
+        new_grid: (H, W) target grid.
+
+    Returns:
+        (1, num_prefix + H·W, D) in the input dtype.
+
+    Raises:
+        ValueError: the old patch count is not a square.
+    """
+    prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    n, d = patches.shape[1], patches.shape[2]
+    old = int(round(n ** 0.5))
+    if old * old != n:
+        raise ValueError(f"position embedding has {n} patch rows, not a square grid")
+    if (old, old) == tuple(new_grid):
+        return pos_embed
+    grid = patches.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], d).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def load_encoder_state_dict(path: str | Path, *, arch: str | None = None, img_size: int | tuple[int, int] | None = None,
+                            keep_cls_token: bool = True) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Read the ENCODER of any known checkpoint, under timm names.
+
+    Args:
+        path: checkpoint file (``.pth`` / ``.pt`` / ``.safetensors``).
+        arch: expected architecture (``vit_base_patch16`` …); None infers it from the tensors.
+        img_size: target input size in pixels (int or (H, W)); ``pos_embed`` is resized to its grid.
+        keep_cls_token: False drops ``cls_token`` and the cls row of ``pos_embed`` (ViTDet).
+
+    Returns:
+        ``(state_dict, report)``; state_dict holds ``cls_token`` (1,1,D), ``pos_embed`` (1,1+N,D)
+        (or (1,N,D) without cls), ``patch_embed.proj.*``, ``blocks.{i}.*`` and, when present in the
+        checkpoint, ``norm.*``, ``fc_norm.*``, ``head.*``. The report's ``loaded`` lists these keys.
+
+    Raises:
+        BackboneLoadError: missing / empty / truncated file, a pickle needing other globals, not a ViT
+            checkpoint, patch size / width / depth not matching ``arch``, missing block tensors,
+            unknown non-decoder keys, non-finite weights, ``img_size`` not divisible by the patch size.
+    """
+    path = Path(path)
+    sd, container, args, _ = _read_raw(path)
+    sd = _strip_wrappers(sd)
+    fmt = _detect_format(sd, container)
+    arch, patch, width, depth = _infer_arch(path, sd, arch)
+
+    enc, ignored, unknown = {}, [], []
+    for k, v in sd.items():
+        if k.startswith(ENCODER_PREFIXES) and not (k.startswith("blocks.") and int(k.split(".")[1]) >= depth):
+            enc[k] = v
+        elif k.startswith(DECODER_PREFIXES):
+            ignored.append(k)
+        else:
+            unknown.append(k)
+    if unknown:
+        raise BackboneLoadError(f"{path}: unexpected keys for a {arch} encoder: {_short(sorted(unknown))}")
+    need = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"] + \
+           [f"blocks.{i}.{k}" for i in range(depth) for k in BLOCK_KEYS]
+    absent = [k for k in need if k not in enc]
+    if absent:
+        raise BackboneLoadError(f"{path}: missing encoder tensors {_short(absent)} ({len(absent)} in all)")
+    for k, v in enc.items():
+        if not torch.is_floating_point(v):
+            continue
+        if not torch.isfinite(v).all():
+            raise BackboneLoadError(f"{path}: non-finite values (nan/inf) in {k}")
+    pe = enc["pos_embed"]
+    if pe.ndim != 3 or pe.shape[-1] != width:
+        raise BackboneLoadError(f"{path}: pos_embed has shape {tuple(pe.shape)}, expected (1, 1+N, {width})")
+    n_patch = pe.shape[1] - 1
+    old = int(round(n_patch ** 0.5))
+    if old * old != n_patch:
+        raise BackboneLoadError(f"{path}: pos_embed has {n_patch} patch rows, not a square grid")
+    resized = None
+    if img_size is not None:
+        hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if hw[0] % patch or hw[1] % patch:
+            raise BackboneLoadError(f"{path}: image size {hw} is not divisible by the patch size {patch}")
+        new = (hw[0] // patch, hw[1] // patch)
+        if new != (old, old):
+            enc["pos_embed"] = resize_pos_embed(pe, new)
+            resized = ((old, old), new)
+    if not keep_cls_token:
+        enc.pop("cls_token")
+        enc["pos_embed"] = enc["pos_embed"][:, 1:]
+        ignored += ["cls_token", "pos_embed[cls row]"]
+    report = LoadReport(path=str(path), sha256=sha256_file(path) if path.is_file() else "", format=fmt, arch=arch,
+                        has_final_norm="norm.weight" in enc, loaded=sorted(enc), ignored=ignored,
+                        pos_embed_resized=resized, meta=_args_meta(args, container, fmt))
+    return enc, report
+
+
+# --------------------------------------------------------------------------------------------------
+# loading into a model
+# --------------------------------------------------------------------------------------------------
+def load_into(model: nn.Module, sd: dict[str, torch.Tensor], report: LoadReport, *,
+              key_map: Callable[[str], str | None] | None = None, allowed_missing: Iterable[str] = (),
+              allowed_unexpected: Iterable[str] = ()) -> LoadReport:
+    """Load an encoder state dict into a task backbone, strictly accounted.
+
+    Args:
+        model: the target module. sd: from :func:`load_encoder_state_dict`. report: its report,
+            updated in place (``loaded``, ``missing``, ``unexpected``, ``ignored``, ``target``).
+        key_map: old name → new name, or None to drop a key on purpose (recorded as ignored).
+        allowed_missing: regexes (full match) of target keys that may stay at their init (a new head,
+            zero-init relative position tables …).
+        allowed_unexpected: regexes of mapped checkpoint keys the target may lack (recorded).
+
+    Returns:
+        the report.
+
+    Raises:
+        BackboneLoadError: a shape differs, or a missing / unexpected key is not allowed. Nothing is
+            copied into ``model`` in that case.
+    """
+    mapped: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        nk = key_map(k) if key_map is not None else k
+        if nk is None:
+            report.ignored.append(k)
+        else:
+            mapped[nk] = v
+    target = model.state_dict()
+    bad_shape = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in mapped.items()
+                 if k in target and tuple(v.shape) != tuple(target[k].shape)]
+    if bad_shape:
+        raise BackboneLoadError(f"{report.path}: shape mismatch for {type(model).__name__}: {_short(bad_shape, 3)}")
+    am = [re.compile(p) for p in allowed_missing]
+    au = [re.compile(p) for p in allowed_unexpected]
+    missing = [k for k in target if k not in mapped]
+    unexpected = [k for k in mapped if k not in target]
+    bad_missing = [k for k in missing if not any(p.fullmatch(k) for p in am)]
+    bad_unexpected = [k for k in unexpected if not any(p.fullmatch(k) for p in au)]
+    if bad_missing:
+        raise BackboneLoadError(f"{report.path}: {len(bad_missing)} {type(model).__name__} weights would stay "
+                                f"randomly initialised: {_short(bad_missing)}")
+    if bad_unexpected:
+        raise BackboneLoadError(f"{report.path}: {len(bad_unexpected)} checkpoint weights have no place in "
+                                f"{type(model).__name__}: {_short(bad_unexpected)}")
+    model.load_state_dict({k: v for k, v in mapped.items() if k in target}, strict=False)
+    report.loaded = sorted(k for k in mapped if k in target)
+    report.missing = sorted(missing)
+    report.unexpected = sorted(unexpected)
+    report.target = type(model).__name__
+    return report
+
+
+def load_backbone(path: str | Path, arch: str | None = None, img_size: int = 224, num_classes: int = 0,
+                  global_pool: str = "token", drop_path_rate: float = 0.0, **timm_kwargs
+                  ) -> tuple[nn.Module, LoadReport]:
+    """A timm ``VisionTransformer`` with the checkpoint's encoder loaded, and the load report.
+
+    The final-norm handling follows MAE: with ``global_pool='avg'`` the model pools patch tokens and
+    applies a new ``fc_norm`` (MAE fine-tuning); the checkpoint's ``norm`` is then ignored (reported).
+    With ``global_pool='token'`` the model keeps ``norm`` when the checkpoint has one; a CrossMAE
+    checkpoint without it gives a model without final norm (``final_norm=False``), never a random one.
+
+    Args:
+        path: checkpoint. arch: expected architecture or None to infer. img_size: input size (px);
+            ``pos_embed`` is resized when its grid differs. num_classes: head size (0 = no head).
+        global_pool: ``'token'`` (cls token) or ``'avg'``. drop_path_rate: stochastic depth.
+        timm_kwargs: passed to ``VisionTransformer`` (e.g. ``drop_rate``).
+
+    Returns:
+        ``(model, report)``. Allowed to stay at init: ``head.*`` (unless the checkpoint has a head of
+        the same size) and ``fc_norm.*`` (unless the checkpoint has one).
+
+    Raises:
+        BackboneLoadError: see :func:`load_encoder_state_dict` and :func:`load_into`.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    if global_pool not in ("token", "avg"):
+        raise BackboneLoadError(f"{path}: global_pool must be 'token' or 'avg', got {global_pool!r}")
+    sd, report = load_encoder_state_dict(path, arch=arch, img_size=img_size)
+    a = ARCHS[report.arch]
+    use_fc_norm = global_pool == "avg"
+    final_norm = report.has_final_norm and not use_fc_norm
+    # timm builds ``fc_norm`` only when final_norm=True and fc_norm=True (then ``norm`` is Identity)
+    model = VisionTransformer(img_size=img_size, patch_size=a.patch_size, embed_dim=a.embed_dim, depth=a.depth,
+                              num_heads=a.num_heads, mlp_ratio=4.0, qkv_bias=True, num_classes=num_classes,
+                              global_pool=global_pool, fc_norm=use_fc_norm, final_norm=final_norm or use_fc_norm,
+                              drop_path_rate=drop_path_rate, norm_layer=_ln_eps6(), **timm_kwargs)
+    drop = set()
+    if not final_norm:
+        drop |= {"norm.weight", "norm.bias"}
+    if not use_fc_norm:
+        drop |= {"fc_norm.weight", "fc_norm.bias"}
+    head = sd.get("head.weight")
+    if num_classes == 0 or head is None or head.shape[0] != num_classes:
+        drop |= {"head.weight", "head.bias"}
+    report = load_into(model, sd, report, key_map=lambda k: None if k in drop else k,
+                       allowed_missing=[r"head\..*", r"fc_norm\..*"])
+    return model, report
+
+
+def _ln_eps6():
+    from functools import partial
+    return partial(nn.LayerNorm, eps=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------------
+def export_encoder(path: str | Path, out: str | Path, arch: str | None = None) -> LoadReport:
+    """Write the encoder of ``path`` as a timm-loadable checkpoint ``{'model': encoder, 'meta': …}``.
+
+    ``timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=0,
+    pretrained_cfg_overlay=dict(file=out))`` loads it with no missing encoder key; for a checkpoint
+    without final norm (CrossMAE) pass ``final_norm=False`` too (see ``meta['has_final_norm']``).
+    Decoder weights are dropped. ``.safetensors`` output writes the bare state dict.
+
+    Raises:
+        BackboneLoadError: see :func:`load_encoder_state_dict`.
+    """
+    sd, report = load_encoder_state_dict(path, arch=arch)
+    sd = {k: v.contiguous() for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
+    meta = dict(report.meta, format="project_encoder", arch=report.arch, source=str(path),
+                source_sha256=report.sha256, source_format=report.format, has_final_norm=report.has_final_norm)
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+        tmp.replace(out)
+    else:
+        atomic_save({"model": sd, "meta": meta}, out)
+    return report
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> LoadReport:
+    """``inspect`` prints a checkpoint's load report; ``export`` writes its encoder for timm."""
+    p = argparse.ArgumentParser(prog="python -m crossmae.backbone", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pi = sub.add_parser("inspect", help="print what a checkpoint holds and how it would load")
+    pi.add_argument("checkpoint")
+    pi.add_argument("--arch", default=None, choices=sorted(ARCHS))
+    pi.add_argument("--img-size", type=int, default=None)
+    pe = sub.add_parser("export", help="write the encoder as a timm-loadable checkpoint")
+    pe.add_argument("checkpoint")
+    pe.add_argument("out")
+    pe.add_argument("--arch", default=None, choices=sorted(ARCHS))
+    args = p.parse_args(argv)
+    if args.cmd == "inspect":
+        _, report = load_encoder_state_dict(args.checkpoint, arch=args.arch, img_size=args.img_size)
+        print(report.summary())
+        if report.meta:
+            print("  pretraining: " + ", ".join(f"{k}={v}" for k, v in report.meta.items()))
+    else:
+        report = export_encoder(args.checkpoint, args.out, arch=args.arch)
+        print(report.summary())
+        print(f"encoder written to {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,37 @@
+"""Installs the CrossMAE transfer benchmark suite: `pip install -e .[test]`."""
+from setuptools import find_packages, setup
+
+setup(
+    name="crossmae-suite",
+    version="0.1.0",
+    description="MAE / CrossMAE pretraining and a downstream-transfer benchmark suite "
+                "(ViTDet COCO, UperNet ADE20K, iNaturalist 2019, Places365, ImageNet).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["crossmae*", "transfer*", "slurm*", "benchmarks*"]),
+    include_package_data=True,
+    install_requires=[
+        # torch and torchvision are pinned as a pair (torchvision's compiled ops need its torch).
+        # With no torch installed pip takes the registry's regular (CUDA) build, which also runs on
+        # CPU; torchvision does not import against a CPU-only torch wheel.
+        "torch==2.15.0",
+        "torchvision==0.29.2",
+        # timm's key names and VisionTransformer signature (final_norm, fc_norm) are relied upon.
+        "timm==1.0.31",
+        "submitit==1.5.4",
+        "pycocotools>=2.0.8",
+        # mmengine's Config (Python configs, _base_, --cfg-options); 0.10.x is the current line.
+        "mmengine==0.10.7",
+        "tensorboard>=2.14",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "flash": ["flash-attn>=2.5"],
+        "test": ["pytest>=8.0"],
+    },
+)

@@ -1,0 +1,44 @@
+"""Shared fixtures: the real data root and tiny pretrained checkpoints in the official layouts."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from crossmae.utils import resolve_data_root
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The datasets root (``$CROSSMAE_DATA_ROOT`` or ``../shared/data``): real mini subsets."""
+    return resolve_data_root(os.environ.get("CROSSMAE_DATA_ROOT"))
+
+
+def _official_ckpt(path: Path, name: str, seed: int, **kw) -> Path:
+    from crossmae.models import create_model
+    torch.manual_seed(seed)
+    model = create_model(name, img_size=64, **kw)
+    args = argparse.Namespace(model=name, input_size=64, mask_ratio=0.75,
+                              kept_mask_ratio=0.25 if name.startswith("crossmae") else None,
+                              decoder_depth=len(model.decoder_blocks), epochs=1, norm_pix_loss=True,
+                              weight_fm=getattr(model, "weight_fm", False), use_input=kw.get("use_input", False))
+    torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 0, "scaler": None, "args": args}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mae_official(tmp_path_factory) -> Path:
+    """A randomly initialised tiny MAE (64 px) saved in the official MAE checkpoint layout."""
+    return _official_ckpt(tmp_path_factory.mktemp("ckpt") / "mae_tiny.pth", "mae_vit_tiny_patch16", 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_crossmae_official(tmp_path_factory) -> Path:
+    """A randomly initialised tiny CrossMAE (inter-block attention, no final norm), official layout."""
+    return _official_ckpt(tmp_path_factory.mktemp("ckpt") / "crossmae_tiny.pth", "crossmae_vit_tiny_patch16", 1,
+                          use_input=True)
