@@ -42,3 +42,29 @@ def tiny_crossmae_official(tmp_path_factory) -> Path:
     """A randomly initialised tiny CrossMAE (inter-block attention, no final norm), official layout."""
     return _official_ckpt(tmp_path_factory.mktemp("ckpt") / "crossmae_tiny.pth", "crossmae_vit_tiny_patch16", 1,
                           use_input=True)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test single-threaded: tiny models are several times faster so on a 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_crossmae_ckpt(tmp_path_factory, data_root) -> Path:
+    """A tiny CrossMAE (64 px, γ 0.25, inter-block attention) pretrained for one epoch on the real
+    ImageNet images by ``crossmae.pretrain`` itself: the official checkpoint layout it writes."""
+    from crossmae import pretrain
+    out = tmp_path_factory.mktemp("pretrain")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m = pretrain.main(["--config", "smoke_crossmae", "--data-root", str(data_root), "--output-dir", str(out),
+                           "--cfg-options", "epochs=1", "data_subset=32", "batch_size=8", "total_batch_size=8",
+                           "num_workers=0", "tensorboard=False", "verify_images=False"])
+    finally:
+        torch.set_num_threads(n)
+    return Path(m["checkpoint"])

@@ -1,0 +1,18 @@
+# The two set-up commands of the README:
+#   make demo   install, then run the main job end to end on the bundled data (../shared/data)
+#   make test   install, start the local Slurm cluster (when it can be installed), run the test suite
+PYTHON ?= python3
+DATA_ROOT ?= $(abspath ../shared/data)
+OUT ?= output/demo
+
+.PHONY: install demo test
+
+install:
+	$(PYTHON) -m pip install -q -e ".[test]"
+
+demo: install
+	CROSSMAE_DATA_ROOT=$(DATA_ROOT) $(PYTHON) -m benchmarks.main_job --data-root $(DATA_ROOT) --output-dir $(OUT)
+
+test: install
+	-bash slurm/cluster.sh start
+	CROSSMAE_DATA_ROOT=$(DATA_ROOT) $(PYTHON) -m pytest -q --durations=25
