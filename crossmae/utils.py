@@ -93,6 +93,11 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return _atomic_write(path, lambda f: f.write(text), binary=False)
 
 
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write raw bytes (e.g. an encoded PNG) atomically (temp file + rename). Returns the path."""
+    return _atomic_write(path, lambda f: f.write(data), binary=True)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes (used to key caches and to identify checkpoints in results)."""
     h = hashlib.sha256()

@@ -1,0 +1,8 @@
+# ViT-H/14 ImageNet-1k fine-tuning, MAE paper recipe (MAE FINETUNE.md): 50 ep, blr 1e-3, layer decay
+# 0.75, drop path 0.3.
+_base_ = ['./_base_.py']
+arch = 'vit_huge_patch14'
+epochs = 50
+blr = 1e-3
+layer_decay = 0.75
+drop_path = 0.3

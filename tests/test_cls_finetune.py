@@ -1,0 +1,73 @@
+"""Fine-tuning end to end on the real iNat-format copy: beats chance, resume equality, run-dir safety."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from test_cls_data import one_thread, root, tiny_ckpt  # noqa: F401  (shared fixtures)
+from transfer import finetune, inat
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _argv(ckpt, root, out, *opts, config="smoke"):  # noqa: F811
+    return ["--backbone", str(ckpt), "--config", config, "--data-root", str(root), "--output-dir", str(out),
+            "--cfg-options", "deterministic=True", *opts]
+
+
+class Preempted(Exception):
+    pass
+
+
+def test_finetune_resume_equals_uninterrupted(tiny_ckpt, root, tmp_path, monkeypatch):  # noqa: F811
+    opts = ("epochs=3", "eval_interval=1")
+    full = finetune.main(_argv(tiny_ckpt, root, tmp_path / "full", *opts))
+
+    def stop(epoch):
+        if epoch == 0:
+            raise Preempted()
+
+    monkeypatch.setattr(finetune, "EPOCH_END_HOOK", stop)
+    with pytest.raises(Preempted):
+        finetune.main(_argv(tiny_ckpt, root, tmp_path / "part", *opts))
+    assert not (tmp_path / "part" / "metrics.json").exists()
+    assert (tmp_path / "part" / "checkpoint-latest.pth").exists()
+    monkeypatch.setattr(finetune, "EPOCH_END_HOOK", None)
+    resumed = finetune.main(_argv(tiny_ckpt, root, tmp_path / "part", *opts) + ["--resume"])
+    assert resumed["metrics"] == full["metrics"]
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
+    a = torch.load(tmp_path / "full" / "checkpoint-latest.pth", weights_only=False)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint-latest.pth", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    m = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    for key in ("task", "protocol", "metrics", "backbone_sha256", "backbone_report", "config_hash", "seed",
+                "epochs", "wall_time_s", "device", "num_gpus", "code_version", "selection_split"):
+        assert key in m
+    assert m["epochs"] == 3 and set(m["metrics"]) >= {"top1", "top5"}
+    assert (tmp_path / "full" / "config.py").exists() and list((tmp_path / "full" / "tb").iterdir())
+    # a finished run is never overwritten, and a resumed run must keep its config
+    with pytest.raises(SystemExit):
+        finetune.main(_argv(tiny_ckpt, root, tmp_path / "full", *opts))
+    assert json.loads((tmp_path / "full" / "metrics.json").read_text()) == m
+    monkeypatch.setattr(finetune, "EPOCH_END_HOOK", stop)
+    with pytest.raises(Preempted):
+        finetune.main(_argv(tiny_ckpt, root, tmp_path / "p2", *opts))
+    monkeypatch.setattr(finetune, "EPOCH_END_HOOK", None)
+    with pytest.raises(SystemExit):
+        finetune.main(_argv(tiny_ckpt, root, tmp_path / "p2", "epochs=4"))
+
+
+def test_inat_finetune_beats_chance(tiny_ckpt, root, tmp_path):  # noqa: F811
+    """Real iNat-format data (2 classes, 120 train / 40 val), tiny CrossMAE backbone, 64 px."""
+    res = inat.main(_argv(tiny_ckpt, root, tmp_path / "inat", *BEATS_CHANCE_OPTS))
+    assert res["task"] == "inat" and res["protocol"] == "finetune"
+    assert res["metrics"]["top1"] > 50.0, res["history"]
+
+
+#: A short schedule that trains a tiny ViT on 120 images: the protocol's machinery (layer decay, AdamW,
+#: warmup + cosine, fc_norm pooling, drop path, eval transform) with the heavy regularisers off.
+#: (Measured with conftest's 1-epoch tiny CrossMAE: val top-1 62.5 / 65.0 / 60.0 for seeds 0 / 1 / 2.)
+BEATS_CHANCE_OPTS = ("epochs=15", "input_size=64", "blr=0.02", "smoothing=0.0", "warmup_epochs=2",
+                     "eval_interval=15", "mixup=0", "cutmix=0", "aug.auto_augment=None", "aug.reprob=0")
