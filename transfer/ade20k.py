@@ -1,0 +1,386 @@
+"""UperNet semantic segmentation on ADE20K: ``python -m transfer.ade20k --backbone ckpt.pth``.
+
+The mmsegmentation 1.2.2 MAE recipe (``configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py``)
+re-implemented natively (model: :mod:`transfer.seg.model`, data: :mod:`transfer.seg.data`, metrics:
+:mod:`transfer.seg.metrics`, optimiser: :mod:`transfer.seg.optim`); presets in ``configs/ade20k/``
+(``paper_vit_base``, ``paper_vit_large``, ``smoke``). Docs: ``docs/ade20k.md``.
+
+Examples::
+
+    python -m transfer.ade20k --backbone mae_pretrain_vit_base.pth --config paper_vit_base \\
+        --output-dir runs/ade20k_mae_b                       # torchrun --nproc_per_node 8 … for DDP
+    python -m transfer.ade20k --backbone ckpt.pth --config smoke --output-dir /tmp/ade_smoke
+
+A run resumes from ``<output-dir>/checkpoint-latest.pth``; ``metrics.json`` (mIoU, mAcc, aAcc,
+per-class IoU/Acc) is written last and only for a finished run.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from crossmae.checkpoint import CheckpointManager, unwrap
+from crossmae.utils import (REPO_ROOT, UserError, atomic_write_json, cli_entry, config_hash, default_device,
+                            init_distributed, is_main_process, resolve_data_root, seed_everything, seed_worker)
+from transfer.cls_common import (build_parser as _common_parser, close_logger, code_version, device_name,
+                                 get_logger, prepare_run, report_dict, resolve_config, tb_writer)
+from transfer.seg.data import (IGNORE_INDEX, PositionBatchSampler, SegTestDataset, SegTrainDataset, load_pair,
+                               overlay, read_class_names, resize_pair, to_tensor)
+from transfer.seg.metrics import ConfusionMatrix
+from transfer.seg.model import UperNet
+from transfer.seg.optim import lr_factor, param_groups_layer_decay, set_lr
+
+TASK = "ade20k"
+PRESET_DIR = REPO_ROOT / "configs" / "ade20k"
+#: Backbone parameters that MAE / CrossMAE checkpoints never hold (mmseg's BEiT-style additions).
+REL_POS_KEYS = r"blocks\.\d+\.attn\.relative_position_bias_table"
+LAYER_SCALE_KEYS = r"blocks\.\d+\.ls[12]\.gamma"
+
+
+def build_parser():
+    """The task-protocol command line (CONTRACTS.md, shared with the classification commands) plus
+    ``--stop-after``. The default ``--config`` is the ``smoke`` preset, as for the other tasks."""
+    p = _common_parser("python -m transfer.ade20k", "UperNet on ADE20K (mmseg MAE recipe), native implementation")
+    p.add_argument("--stop-after", type=int, default=None, metavar="ITERS",
+                   help="stop after this many iterations in total, leaving a checkpoint to resume from "
+                        "(simulates preemption; no evaluation, no metrics.json)")
+    for a in p._actions:
+        if a.dest == "backbone":
+            a.help = "pretrained checkpoint (MAE / CrossMAE / timm / ours), or 'none' for random init"
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------------
+def build_model(cfg) -> UperNet:
+    """The UperNet of ``cfg.model`` (see ``configs/ade20k/paper_vit_base.py``)."""
+    m = dict(cfg.model)
+    return UperNet(**m)
+
+
+def load_backbone_weights(model: UperNet, path: str, cfg):
+    """Load a MAE / CrossMAE / timm encoder into ``model.backbone`` through the backbone API.
+
+    ``pos_embed`` is resized bicubically to the crop's grid (14→32 at 512 px); the final ``norm``
+    (and any fine-tuning ``fc_norm`` / ``head``) is dropped on purpose (mmseg ``final_norm=False``).
+    With ``model.rel_pos_bias`` / ``model.layer_scale_init`` the relative position tables and
+    layer-scale gammas are the only weights allowed to keep their init (zeros / the init value).
+
+    Returns the ``LoadReport``. Raises ``UserError`` / ``BackboneLoadError`` for a bad checkpoint.
+    """
+    from crossmae.backbone import load_encoder_state_dict, load_into
+    if not Path(path).is_file():
+        raise UserError(f"{path}: --backbone checkpoint not found")
+    sd, report = load_encoder_state_dict(path, img_size=int(cfg.model.img_size))
+    allowed = []
+    if cfg.model.get("rel_pos_bias"):
+        allowed.append(REL_POS_KEYS)
+    if cfg.model.get("layer_scale_init") is not None:
+        allowed.append(LAYER_SCALE_KEYS)
+
+    def key_map(k: str):
+        return None if k.startswith(("norm.", "fc_norm.", "head.")) else k
+
+    return load_into(model.backbone, sd, report, key_map=key_map, allowed_missing=allowed)
+
+
+def build_optimizer(model: UperNet, cfg) -> torch.optim.AdamW:
+    """AdamW with mmseg's layer-wise lr decay groups (:func:`transfer.seg.optim.param_groups_layer_decay`)."""
+    o = cfg.optimizer
+    groups = param_groups_layer_decay(model, o.lr, o.weight_decay, o.layer_decay, cfg.model.depth)
+    for g in groups:
+        g.pop("param_names")
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def _clean_loader_error(exc: BaseException) -> UserError:
+    """A UserError raised in a DataLoader worker arrives with a traceback in its message; keep the
+    one line that names the file."""
+    msg = str(exc)
+    for line in reversed(msg.splitlines()):
+        if "UserError:" in line:
+            return UserError(line.split("UserError:", 1)[1].strip())
+    return UserError(msg.splitlines()[-1] if msg else type(exc).__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------------------
+def _test_scales(cfg) -> list[tuple[int, int]]:
+    base = tuple(cfg.data.scale)
+    ratios = list(cfg.test.get("aug_ratios") or [])
+    return [base] if not ratios else [(int(base[0] * r), int(base[1] * r)) for r in ratios]
+
+
+@torch.no_grad()
+def predict(model: UperNet, imgs: list[torch.Tensor], out_size: tuple[int, int], cfg,
+            amp_dtype=None) -> torch.Tensor:
+    """Class map ``(H, W)`` int64 for one image given as normalised tensors ``(3, H_s, W_s)`` at each
+    test scale. Single scale, no flip: argmax of the (slide) logits resized bilinearly to
+    ``out_size`` (mmseg ``EncoderDecoder.postprocess_result``). Multi-scale / flip: argmax of the
+    mean softmax over all scales and flips (mmseg ``SegTTAModel.merge_preds``)."""
+    t = cfg.test
+    flips = [False, True] if t.get("flip") else [False]
+    dev = next(model.parameters()).device
+    acc = None
+    n = 0
+    for img in imgs:
+        x = img.unsqueeze(0).to(dev)
+        for flip in flips:
+            xi = x.flip(-1) if flip else x
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model.inference(xi, t.mode, tuple(t.crop_size), tuple(t.stride))
+            logits = logits.float()
+            if flip:
+                logits = logits.flip(-1)
+            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+            if len(imgs) == 1 and len(flips) == 1:
+                return logits[0].argmax(0)
+            p = logits.softmax(1)
+            acc = p if acc is None else acc + p
+            n += 1
+    return (acc / n)[0].argmax(0)
+
+
+def evaluate(model: UperNet, dataset: SegTestDataset, cfg, class_names: list[str], amp_dtype=None,
+             overlay_dir: Path | None = None, log=None) -> dict:
+    """mIoU / mAcc / aAcc over ``dataset`` (sharded over DDP ranks, confusion matrices summed) and
+    coloured overlays of the first ``test.num_overlays`` images of rank 0 in ``overlay_dir``."""
+    from PIL import Image
+    model.eval()
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    num = len(dataset) if cfg.test.get("max_images") is None else min(len(dataset), int(cfg.test.max_images))
+    cm = ConfusionMatrix(cfg.model.num_classes, IGNORE_INDEX)
+    scales = _test_scales(cfg)
+    n_over = int(cfg.test.get("num_overlays", 0) or 0)
+    written = 0
+    t0 = time.time()
+    for i in range(rank, num, world):
+        s = dataset.samples[i]
+        img, label = load_pair(s, dataset.num_classes, dataset.reduce_zero_label)
+        imgs = [to_tensor(resize_pair(img, None, sc)[0]) for sc in scales]
+        pred = predict(model, imgs, label.shape, cfg, amp_dtype)
+        cm.update(pred.cpu(), torch.from_numpy(label))
+        if overlay_dir is not None and rank == 0 and written < n_over:
+            overlay_dir.mkdir(parents=True, exist_ok=True)
+            path = overlay_dir / f"{s.image.stem}.png"
+            tmp = path.with_name(f".{path.name}.tmp.png")
+            Image.fromarray(overlay(img, pred.cpu().numpy(), cfg.model.num_classes)).save(tmp)
+            os.replace(tmp, path)
+            written += 1
+    cm.all_reduce()
+    res = cm.compute()
+    if log is not None:
+        log.info(f"eval: {num} images, {len(scales)} scale(s){' + flip' if cfg.test.get('flip') else ''}, "
+                 f"{time.time() - t0:.1f}s: mIoU {res['mIoU']:.2f} mAcc {res['mAcc']:.2f} aAcc {res['aAcc']:.2f}")
+    res["per_class"] = {"IoU": dict(zip(class_names, res.pop("IoU"))), "Acc": dict(zip(class_names, res.pop("Acc")))}
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------------
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    """Train (or resume) UperNet on an ADEChallengeData2016-layout dataset and evaluate it.
+
+    Returns the metrics dict written to ``metrics.json`` (``{'stopped_at': N}`` with ``--stop-after``).
+
+    Raises:
+        UserError: bad config / option, missing or inconsistent data (folder, image/annotation pairing,
+            sizes, label values), bad checkpoint, finished output dir.
+    """
+    args = build_parser().parse_args(argv)
+    cfg = resolve_config(args, PRESET_DIR)
+    _check_config(cfg)
+    rank, world, _ = init_distributed()
+    device = default_device()
+    seed_everything(int(cfg.seed) + rank)
+    data_root = resolve_data_root(args.data_root)
+    root = data_root / cfg.data.dataset
+    if not root.is_dir():
+        raise UserError(f"{root}: dataset folder not found (data root {data_root}, config data.dataset)")
+    class_names = read_class_names(root, cfg.model.num_classes)
+    d = cfg.data
+    train_ds = SegTrainDataset(root, d.train_split, cfg.model.num_classes, cfg.seed, tuple(d.crop_size),
+                               tuple(d.scale), tuple(d.ratio_range), d.cat_max_ratio, d.flip_prob, d.photometric,
+                               d.reduce_zero_label)
+    val_ds = SegTestDataset(root, d.val_split, cfg.model.num_classes, tuple(d.scale), d.reduce_zero_label)
+
+    out, resume_from = prepare_run(cfg, args.output_dir, args.resume)
+    log = get_logger(out, TASK)
+    if not is_main_process():
+        log.setLevel(logging.WARNING)  # one copy of the log on the console
+    try:
+        return _run(args, cfg, out, resume_from, log, train_ds, val_ds, class_names, device, rank, world)
+    finally:
+        close_logger(log)
+
+
+def _check_config(cfg) -> None:
+    t = cfg.train
+    if int(cfg.model.img_size) != int(cfg.data.crop_size[0]) or cfg.data.crop_size[0] != cfg.data.crop_size[1]:
+        raise UserError(f"config: model.img_size ({cfg.model.img_size}) must equal the square data.crop_size "
+                        f"({tuple(cfg.data.crop_size)})")
+    if tuple(cfg.test.crop_size) != tuple(cfg.data.crop_size) and cfg.model.get("rel_pos_bias"):
+        raise UserError("config: test.crop_size must equal data.crop_size when model.rel_pos_bias is on")
+    if cfg.test.mode not in ("slide", "whole"):
+        raise UserError(f"config: test.mode {cfg.test.mode!r}: expected 'slide' or 'whole'")
+    if cfg.test.mode == "whole" and cfg.model.get("rel_pos_bias"):
+        raise UserError("config: test.mode='whole' needs model.rel_pos_bias=False (the relative position "
+                        "table covers crop-size windows only; mmseg uses 'slide')")
+    if int(t.batch_size) < 1 or int(cfg.schedule.max_iters) < 1:
+        raise UserError("config: train.batch_size and schedule.max_iters must be >= 1")
+
+
+def _run(args, cfg, out: Path, resume_from, log, train_ds, val_ds, class_names, device, rank, world) -> dict:
+    t_start = time.time()
+    if int(cfg.train.batch_size) % world:
+        raise UserError(f"config: train.batch_size {cfg.train.batch_size} is not divisible by the "
+                        f"{world} processes")
+    bs = int(cfg.train.batch_size) // world
+    model = build_model(cfg)
+    report = None
+    if str(args.backbone).lower() != "none":
+        report = load_backbone_weights(model, args.backbone, cfg)
+        log.info(report.summary())
+    else:
+        log.info("backbone: none (random initialisation)")
+    model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    ckpt = CheckpointManager(out, keep=int(cfg.train.get("keep_checkpoints", 0) or 0))
+    start_iter, prev_wall = 0, 0.0
+    if resume_from is not None:
+        from crossmae.utils import safe_torch_load
+        from crossmae.checkpoint import set_rng_state
+        state = safe_torch_load(resume_from)
+        if not isinstance(state, dict) or "model" not in state:
+            raise UserError(f"{resume_from}: not a training checkpoint (no 'model' entry)")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_iter = int(state["iter"])
+        prev_wall = float(state.get("wall_time_s", 0.0))
+        if "rng" in state and world == 1:
+            set_rng_state(state["rng"])
+        log.info(f"resumed from {resume_from} at iteration {start_iter}")
+    if world > 1:
+        if device.type == "cuda":  # BN -> SyncBN as mmseg's SyncBN (torch's SyncBN has no CPU kernel)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.get("amp") == "bf16" else None
+
+    max_iters = int(cfg.schedule.max_iters)
+    stop = max_iters if args.stop_after is None else min(int(args.stop_after), max_iters)
+    tb = tb_writer(out)
+    base_lr = float(cfg.optimizer.lr)
+    s = cfg.schedule
+    if start_iter < stop:
+        loader = torch.utils.data.DataLoader(
+            train_ds, batch_sampler=PositionBatchSampler(bs, start_iter, stop, rank, world),
+            num_workers=int(cfg.data.num_workers), worker_init_fn=seed_worker,
+            pin_memory=device.type == "cuda", persistent_workers=False,
+            generator=torch.Generator().manual_seed(int(cfg.seed) * 1000 + start_iter))  # keeps the global RNG
+        log.info(f"training iterations {start_iter}..{stop - 1} of {max_iters}, {world} process(es) x {bs} "
+                 f"images, crop {tuple(cfg.data.crop_size)}, {len(train_ds)} training images")
+        model.train()
+        it = start_iter
+        t_log, it_log = time.time(), start_iter
+        it_iter = iter(loader)
+        while it < stop:
+            try:
+                x, y = next(it_iter)
+            except UserError as exc:
+                raise _clean_loader_error(exc) from None
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            factor = lr_factor(it, int(s.warmup_iters), float(s.warmup_start_factor), max_iters, float(s.power))
+            set_lr(optimizer, base_lr, factor)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                losses = model(x, y)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss {loss.item()} at iteration {it}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.train.grad_clip))
+            optimizer.step()
+            it += 1
+            if it % int(cfg.train.log_interval) == 0 or it == stop:
+                dt = (time.time() - t_log) / max(it - it_log, 1)
+                t_log, it_log = time.time(), it
+                vals = {k: float(v.detach()) for k, v in losses.items()}
+                log.info(f"iter {it}/{max_iters} loss {vals['loss']:.4f} (ce {vals['loss_ce']:.4f}, aux "
+                         f"{vals['aux.loss_ce']:.4f}) lr {base_lr * factor:.3e} {dt:.2f}s/it")
+                if tb is not None:
+                    for k, v in vals.items():
+                        tb.add_scalar(f"train/{k}", v, it)
+                    tb.add_scalar("train/lr", base_lr * factor, it)
+            if it % int(cfg.train.checkpoint_interval) == 0 or it == stop:
+                if is_main_process():
+                    ckpt.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                               "iter": it, "epoch": 0, "wall_time_s": prev_wall + time.time() - t_start,
+                               "config_hash": config_hash(cfg.to_dict())},
+                              step=it, periodic=it % int(cfg.train.checkpoint_interval) == 0)
+                if world > 1:
+                    dist.barrier()
+            vi = int(cfg.train.get("val_interval") or 0)
+            if vi and it % vi == 0 and it < max_iters:
+                r = evaluate(unwrap(model), val_ds, cfg, class_names, amp_dtype, None, log)
+                if tb is not None:
+                    for k in ("mIoU", "mAcc", "aAcc"):
+                        tb.add_scalar(f"val/{k}", r[k], it)
+                model.train()
+    if tb is not None:
+        tb.flush()
+    if stop < max_iters:
+        log.info(f"stopped after iteration {stop} (--stop-after); resume with the same command")
+        if tb is not None:
+            tb.close()
+        return {"stopped_at": stop}
+
+    res = evaluate(unwrap(model), val_ds, cfg, class_names, amp_dtype, out / "overlays", log)
+    if tb is not None:
+        for k in ("mIoU", "mAcc", "aAcc"):
+            tb.add_scalar(f"val/{k}", res[k], max_iters)
+        tb.close()
+    result = {
+        "task": TASK, "protocol": cfg.protocol,
+        "metrics": {k: float(res[k]) for k in ("mIoU", "mAcc", "aAcc")},
+        "per_class": res["per_class"],
+        "backbone": None if report is None else str(args.backbone),
+        "backbone_sha256": None if report is None else report.sha256,
+        "backbone_report": None if report is None else report_dict(report),
+        "config_hash": config_hash(cfg.to_dict()), "seed": int(cfg.seed), "iters": max_iters,
+        "num_val_images": len(val_ds) if cfg.test.get("max_images") is None else min(len(val_ds), int(cfg.test.max_images)),
+        "wall_time_s": prev_wall + time.time() - t_start, "device": device_name(device),
+        "num_gpus": world if device.type == "cuda" else 0, "code_version": code_version(),
+    }
+    if is_main_process():
+        atomic_write_json(_json_safe(result), out / "metrics.json")
+    log.info(f"metrics: mIoU {res['mIoU']:.2f} mAcc {res['mAcc']:.2f} aAcc {res['aAcc']:.2f} -> {out / 'metrics.json'}")
+    return result
+
+
+def _json_safe(obj):
+    """NaN → None recursively (metrics.json must be valid JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+if __name__ == "__main__":
+    main()
