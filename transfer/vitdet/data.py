@@ -1,0 +1,344 @@
+"""COCO 2017 instance data for ViTDet: json loading, LSJ augmentation, batching, deterministic sampling.
+
+Protocol sources (detectron2): ``data/datasets/coco.py: load_coco_json`` (category mapping,
+polygon/RLE handling, invalid polygons), ``data/build.py: get_detection_dataset_dicts``
+(``filter_empty``: drop training images without non-crowd instances), ``data/dataset_mapper.py``
+(crowd instances are not training targets; ``recompute_boxes``: boxes from the transformed masks;
+``filter_empty_instances``), ``data/transforms/augmentation_impl.py`` (``RandomFlip``,
+``ResizeScale``, ``FixedSizeCrop``, ``ResizeShortestEdge``), ``data/samplers/distributed_sampler.py:
+TrainingSampler`` and ViTDet's ``configs/common/coco_loader_lsj.py``.
+
+Images are decoded with PIL to RGB uint8; masks are rasterised from polygons / RLE with pycocotools
+at the image's size and transformed with the image by ``torchvision.transforms.v2`` (nearest for masks,
+bilinear + antialias for images).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from crossmae.utils import UserError
+
+
+class CocoInstances(Dataset):
+    """A COCO-format instance segmentation split (official json layout, original image folder).
+
+    Args:
+        ann_file: ``instances_*.json``.
+        image_dir: folder of the images named by ``file_name``.
+        train: training split semantics (crowd instances dropped from the targets, images without
+            non-crowd instances dropped when ``filter_empty``, LSJ augmentation).
+        transform: a callable ``(image uint8 (3,H,W), target) -> (image, target)``; None = identity.
+        filter_empty: drop images with no non-crowd instance (detectron2 default for training).
+
+    Attributes:
+        cat_ids: sorted COCO category ids; ``label = cat_ids.index(id) + 1`` (1..K, 0 = background)
+            and ``cat_ids[label - 1]`` maps back (``label_to_cat_id``).
+        images: the kept image records (json dicts).
+
+    Items: ``{"image": (3, H, W) float32 0..255 RGB, "target": {"boxes": (G, 4) XYXY float32,
+    "labels": (G,) int64, "masks": (G, H, W) uint8}, "image_id": int, "orig_size": (H0, W0),
+    "error": None | str}``. A decode failure is reported in ``error`` (raised as ``UserError`` by the
+    caller in the main process), never as a worker traceback.
+
+    Raises:
+        UserError: missing / unreadable / malformed annotation file, missing image folder or files,
+            no images (after filtering), an annotation of an unknown image or category.
+    """
+
+    def __init__(self, ann_file: str | Path, image_dir: str | Path, train: bool, transform=None,
+                 filter_empty: bool = True):
+        self.ann_file = Path(ann_file)
+        self.image_dir = Path(image_dir)
+        self.train = train
+        self.transform = transform
+        data = _read_json(self.ann_file)
+        for key in ("images", "annotations", "categories"):
+            if key not in data or not isinstance(data[key], list):
+                raise UserError(f"{self.ann_file}: not a COCO instances file (no '{key}' list)")
+        self.cat_ids = sorted(int(c["id"]) for c in data["categories"])
+        self.cat_names = {int(c["id"]): c.get("name", str(c["id"])) for c in data["categories"]}
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        img_by_id = {int(im["id"]): im for im in data["images"]}
+        anns: dict[int, list] = {i: [] for i in img_by_id}
+        for a in data["annotations"]:
+            iid = int(a.get("image_id", -1))
+            if iid not in anns:
+                raise UserError(f"{self.ann_file}: annotation {a.get('id')} refers to unknown image_id {iid}")
+            if int(a.get("category_id", -1)) not in self.cat_to_label:
+                raise UserError(f"{self.ann_file}: annotation {a.get('id')} has unknown category_id "
+                                f"{a.get('category_id')}")
+            anns[iid].append(a)
+        self.num_dropped_annotations = 0
+        records = []
+        for iid in sorted(img_by_id):
+            kept = [a for a in anns[iid] if self._valid(a)]
+            self.num_dropped_annotations += len(anns[iid]) - len(kept)
+            if train and filter_empty and not any(a.get("iscrowd", 0) == 0 for a in kept):
+                continue
+            records.append((img_by_id[iid], kept))
+        if not records:
+            raise UserError(f"{self.ann_file}: no usable images"
+                            + (" (no image has a non-crowd annotation)" if train and filter_empty else ""))
+        if not self.image_dir.is_dir():
+            raise UserError(f"{self.image_dir}: image folder not found")
+        missing = [im["file_name"] for im, _ in records if not (self.image_dir / im["file_name"]).is_file()]
+        if missing:
+            raise UserError(f"{self.image_dir / missing[0]}: image file not found "
+                            f"({len(missing)} of {len(records)} images missing)")
+        self.images = [r[0] for r in records]
+        self.anns = [r[1] for r in records]
+
+    @staticmethod
+    def _valid(a: dict) -> bool:
+        """detectron2 ``load_coco_json``: keep polygons with >= 3 points (even length >= 6); an
+        annotation whose polygons are all invalid is dropped; RLE is kept as is."""
+        seg = a.get("segmentation")
+        if isinstance(seg, list):
+            polys = [p for p in seg if len(p) % 2 == 0 and len(p) >= 6]
+            if not polys:
+                return False
+            a["segmentation"] = polys
+        return seg is not None and "bbox" in a
+
+    def label_to_cat_id(self, label: int) -> int:
+        """Contiguous label 1..K -> COCO category id."""
+        return self.cat_ids[int(label) - 1]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> tuple[torch.Tensor, dict]:
+        """Decode image ``index`` and its instances (crowd instances dropped when ``train``).
+
+        Raises:
+            UserError: corrupt image, or its size differs from the json's ``height``/``width``
+                (detectron2 ``SizeMismatchError``).
+        """
+        from PIL import Image
+        from pycocotools import mask as mask_util
+
+        info = self.images[index]
+        path = self.image_dir / info["file_name"]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                arr = np.asarray(im).copy()
+        except Exception as exc:  # PIL raises several types for truncated / non-image files
+            raise UserError(f"{path}: cannot decode image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        h, w = arr.shape[:2]
+        if (h, w) != (int(info["height"]), int(info["width"])):
+            raise UserError(f"{path}: image is {w}x{h} but {self.ann_file.name} says {info['width']}x{info['height']}")
+        anns = [a for a in self.anns[index] if not (self.train and a.get("iscrowd", 0))]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        masks = np.zeros((len(anns), h, w), dtype=np.uint8)
+        for i, a in enumerate(anns):
+            seg = a["segmentation"]
+            if isinstance(seg, list):
+                rle = mask_util.merge(mask_util.frPyObjects(seg, h, w))
+            elif isinstance(seg.get("counts"), list):
+                rle = mask_util.frPyObjects(seg, h, w)
+            else:
+                rle = seg
+            masks[i] = mask_util.decode(rle)
+        target = {"boxes": boxes, "labels": torch.tensor([self.cat_to_label[int(a["category_id"])] for a in anns],
+                                                         dtype=torch.int64),
+                  "masks": torch.from_numpy(masks)}
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), target
+
+    def __getitem__(self, index):
+        seed = None
+        if isinstance(index, tuple):
+            index, seed = index
+        info = self.images[index]
+        out = {"image_id": int(info["id"]), "orig_size": (int(info["height"]), int(info["width"])), "error": None}
+        try:
+            image, target = self.load(index)
+        except UserError as exc:
+            out["error"] = str(exc)
+            return out
+        if self.transform is not None:
+            if seed is not None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    image, target = self.transform(image, target)
+            else:
+                image, target = self.transform(image, target)
+        out["image"] = image.float()
+        out["target"] = target
+        return out
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: annotation file not found")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.__class__.__name__}: {str(exc).splitlines()[0]})")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a COCO instances file (top level is not an object)")
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# transforms
+# --------------------------------------------------------------------------------------------------
+class FixedSizeCrop(torch.nn.Module):
+    """detectron2 ``FixedSizeCrop(crop_size, pad=False)``: if the image is larger than ``size`` in a
+    dimension, crop a window of ``size`` there at offset ``round(U(0,1) * (H - size))``; no padding
+    (the detector pads to the square). Boxes are clipped (masks are cropped with the image)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, image, target):
+        h, w = image.shape[-2:]
+        max_off = torch.tensor([max(h - self.size, 0), max(w - self.size, 0)], dtype=torch.float64)
+        off = torch.round(max_off * torch.rand(1, dtype=torch.float64)).long().tolist()
+        ch, cw = min(h, self.size), min(w, self.size)
+        if (ch, cw) == (h, w):
+            return image, target
+        image, target = TF.crop(image, off[0], off[1], ch, cw), dict(target)
+        target["boxes"] = TF.crop(target["boxes"], off[0], off[1], ch, cw)
+        target["masks"] = TF.crop(target["masks"], off[0], off[1], ch, cw)
+        return image, target
+
+
+class LSJ(torch.nn.Module):
+    """Large-scale jitter of ViTDet (``coco_loader_lsj.py``): RandomFlip (horizontal, p=0.5) ->
+    ResizeScale(scale U(0.1, 2.0) of 1024², keep aspect) -> FixedSizeCrop(1024, pad=False) ->
+    boxes recomputed from the masks (``recompute_boxes``) -> drop empty instances
+    (``filter_empty_instances``: box side <= 1e-5 or empty mask).
+
+    ResizeScale: ``s = U(lo, hi)``, ``scale = min(S*s/H, S*s/W)``, output ``round(H*scale)`` ×
+    ``round(W*scale)``. Image bilinear (antialias), masks nearest.
+    Call: ``(image uint8 (3,H,W), target) -> (image, target)``.
+    """
+
+    def __init__(self, size: int = 1024, scale_range=(0.1, 2.0), flip_prob: float = 0.5):
+        super().__init__()
+        self.size = size
+        self.scale_range = tuple(scale_range)
+        self.flip_prob = flip_prob
+        self.crop = FixedSizeCrop(size)
+
+    def forward(self, image, target):
+        h, w = image.shape[-2:]
+        boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(h, w))
+        masks = tv_tensors.Mask(target["masks"])
+        image = tv_tensors.Image(image)
+        if torch.rand(1).item() < self.flip_prob:
+            image, boxes, masks = TF.horizontal_flip(image), TF.horizontal_flip(boxes), TF.horizontal_flip(masks)
+        lo, hi = self.scale_range
+        s = lo + torch.rand(1).item() * (hi - lo)
+        scale = min(self.size * s / h, self.size * s / w)
+        nh, nw = max(int(round(h * scale)), 1), max(int(round(w * scale)), 1)
+        image = TF.resize(image, [nh, nw], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        boxes = TF.resize(boxes, [nh, nw])
+        masks = TF.resize(masks, [nh, nw], interpolation=v2.InterpolationMode.NEAREST)
+        image, t = self.crop(image, {"boxes": boxes, "masks": masks})
+        masks = t["masks"].as_subclass(torch.Tensor)
+        boxes = boxes_from_masks(masks)
+        keep = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5) & masks.flatten(1).bool().any(1)
+        return image.as_subclass(torch.Tensor), {"boxes": boxes[keep], "labels": target["labels"][keep],
+                                                 "masks": masks[keep]}
+
+
+def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
+    """Tight XYXY boxes of binary masks (G, H, W) -> (G, 4) float, x2/y2 exclusive (detectron2
+    ``BitMasks.get_bounding_boxes``); an empty mask gives a zero box."""
+    g = masks.shape[0]
+    boxes = torch.zeros((g, 4), dtype=torch.float32)
+    if g == 0:
+        return boxes
+    m = masks.bool()
+    rows, cols = m.any(2), m.any(1)
+    for i in range(g):
+        ys, xs = torch.where(rows[i])[0], torch.where(cols[i])[0]
+        if ys.numel() and xs.numel():
+            boxes[i] = torch.tensor([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1], dtype=torch.float32)
+    return boxes
+
+
+class ResizeShortestEdge(torch.nn.Module):
+    """detectron2 ``ResizeShortestEdge(short, max_size)`` at test time: ``scale = short/min(H,W)``,
+    reduced so that ``max(H,W)*scale <= max_size``; output ``int(H*scale + 0.5)`` × ``int(W*scale + 0.5)``.
+    Only the image is resized (predictions are mapped back to the original size by the detector)."""
+
+    def __init__(self, short: int = 1024, max_size: int = 1024):
+        super().__init__()
+        self.short, self.max_size = short, max_size
+
+    def forward(self, image, target):
+        h, w = image.shape[-2:]
+        scale = self.short / min(h, w)
+        if max(h, w) * scale > self.max_size:
+            scale = self.max_size / max(h, w)
+        nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+        image = TF.resize(image, [nh, nw], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        return image, target
+
+
+def collate(batch: list[dict]) -> list[dict]:
+    """Identity collate (variable-size images and instance counts)."""
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling
+# --------------------------------------------------------------------------------------------------
+class TrainingStream(Sampler):
+    """Infinite, resumable shuffled stream (detectron2 ``TrainingSampler`` semantics: a fresh
+    permutation per pass seeded by ``seed``; rank r of w takes every w-th sample).
+
+    Each item is ``(index, sample_seed)``: the augmentation of global sample k is seeded by
+    ``seed * 1_000_003 + k``, so a run resumed at iteration i sees exactly the images and
+    augmentations of an uninterrupted run, whatever the number of workers.
+
+    Args:
+        n: dataset size; start: the first global sample (iteration × global batch).
+    """
+
+    def __init__(self, n: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.start, self.rank, self.world = n, seed, start, rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        k = self.start + self.rank
+        perm, perm_epoch = None, -1
+        while True:
+            epoch, j = divmod(k, self.n)
+            if epoch != perm_epoch:
+                g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+                perm, perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
+            yield perm[j], self.seed * 1_000_003 + k
+            k += self.world
+
+
+def split_dataset_paths(data_root: Path, d: dict, split: str) -> tuple[Path, Path]:
+    """(annotation file, image folder) of ``split`` ("train" / "val") under ``data_root/<dataset>``."""
+    base = Path(data_root) / d["dataset"]
+    if not base.is_dir():
+        raise UserError(f"{base}: COCO folder not found under the data root")
+    return base / d[f"{split}_ann"], base / d[f"{split}_images"]
+
+
+def build_dataset(data_root: Path, d: dict, split: str) -> CocoInstances:
+    """Training (LSJ) or evaluation (shortest-edge resize) dataset from the ``data`` config section."""
+    ann, img = split_dataset_paths(data_root, d, split)
+    if split == "train":
+        return CocoInstances(ann, img, train=True, filter_empty=d["filter_empty"],
+                             transform=LSJ(d["image_size"], d["scale_range"], d["flip_prob"]))
+    return CocoInstances(ann, img, train=False, filter_empty=False,
+                         transform=ResizeShortestEdge(d["test_short_edge"], d["test_max_size"]))
