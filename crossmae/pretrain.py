@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import math
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointManager, unwrap
+from .runs import code_version
 from .utils import (REPO_ROOT, UserError, atomic_write_json, atomic_write_text, cli_entry, config_hash,
                     init_distributed, is_main_process, load_config, resolve_data_root, safe_torch_load,
                     seed_everything, seed_worker, sha256_file)
@@ -209,16 +209,6 @@ def resolve_device(arg: str | None, local_rank: int) -> torch.device:
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The seed of one (epoch, rank): independent streams via NumPy's ``SeedSequence``."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0] % (2**63))
-
-
-def code_version() -> str:
-    """``git describe --always --dirty`` of the repository, or ``"unknown"``."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def config_text(cfg_dict: dict) -> str:

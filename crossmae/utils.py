@@ -82,10 +82,22 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return _atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
+def _json_safe(obj: Any) -> Any:
+    """Replace non-finite floats (NaN, ±inf) by None so the file is strict JSON."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON atomically (temp file + rename). Returns the path."""
-    return _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"),
-                         binary=False)
+    """Write ``obj`` as indented strict JSON atomically (temp file + rename); NaN / inf become
+    ``null`` (e.g. COCO AP with no detections). Returns the path."""
+    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n"
+    return _atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
@@ -185,10 +197,13 @@ def load_config(config: str | os.PathLike, cfg_options: Iterable[str] | None = N
     except Exception as exc:  # mmengine raises several types for syntax / import errors
         raise UserError(f"{path}: cannot parse config: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     overrides = parse_cfg_options(cfg_options)
+    as_dict = cfg.to_dict()
     for key in overrides:
-        head = key.split(".")[0]
-        if head not in cfg:
-            raise UserError(f"{path}: --cfg-options names unknown key {key!r}")
+        node = as_dict
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise UserError(f"{path}: --cfg-options names unknown key {key!r}")
+            node = node[part]
     if overrides:
         cfg.merge_from_dict(overrides)
     return cfg

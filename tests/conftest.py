@@ -10,7 +10,6 @@ import torch
 
 from crossmae.utils import resolve_data_root
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +43,10 @@ def tiny_crossmae_official(tmp_path_factory) -> Path:
                           use_input=True)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Run a test single-threaded: tiny models are several times faster so on a 2-core machine."""
+    """Every test runs with one intra-op thread: the suite's tiny models are several times faster so
+    on the 2-core CI machine (thread start-up dominates their small matmuls)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

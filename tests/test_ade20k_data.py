@@ -12,7 +12,6 @@ from crossmae.utils import UserError
 from transfer.seg import data as D
 from transfer.seg.testing import ADE_SUBDIR, COCO_SEMSEG_SUBDIR, require_dir
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on 1 thread
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from transfer.seg.model import UperNet
 from transfer.seg.optim import layer_id_for_vit, lr_factor, param_groups_layer_decay
 from transfer.seg.testing import tiny_checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on 1 thread
 
 
 TINY = dict(num_classes=5, img_size=64, embed_dim=64, depth=4, num_heads=4, out_indices=(0, 1, 2, 3),

@@ -29,7 +29,6 @@ except Exception as exc:  # noqa: BLE001 - any import failure means: no oracle h
 from transfer.seg.metrics import ConfusionMatrix  # noqa: E402
 from transfer.seg.model import UperNet, seg_cross_entropy  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on 1 thread
 
 
 K = 7

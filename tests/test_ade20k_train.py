@@ -15,7 +15,6 @@ from transfer import ade20k
 from transfer.seg.data import SegTrainDataset
 from transfer.seg.testing import COCO_SEMSEG_SUBDIR, FAST_OPTIONS, require_dir, tiny_checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on 1 thread
 
 
 @pytest.fixture(scope="module")

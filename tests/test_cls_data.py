@@ -6,25 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-from crossmae.utils import UserError, resolve_data_root
+
+from crossmae.utils import UserError
 from transfer.cls_data import (eval_transform, load_imagefolder, load_inat2019, load_places365, load_split,
                                load_train_val, places_categories)
 
 
-@pytest.fixture(scope="module")
-def root(request) -> Path:
-    try:
-        return request.getfixturevalue("data_root")
-    except pytest.FixtureLookupError:
-        return resolve_data_root(None)
-
-
 # ------------------------------------------------------------------ real layouts
-def test_inat_real_layout_and_mapping(root):
-    tr = load_inat2019(root / "inat2019", "train")
-    va = load_inat2019(root / "inat2019", "val")
+def test_inat_real_layout_and_mapping(data_root):
+    tr = load_inat2019(data_root / "inat2019", "train")
+    va = load_inat2019(data_root / "inat2019", "val")
     assert (len(tr.samples), len(va.samples)) == (120, 40)
     assert tr.classes == ["Formicidae", "Apis mellifera"]
     # independent check: the official layout puts each image under train_val2019/<super>/<category_id>/
@@ -37,19 +29,19 @@ def test_inat_real_layout_and_mapping(root):
     assert tr.extra["taxonomy"][1]["genus"] == "Apis"
 
 
-def _inat_copy(root: Path, tmp: Path, edit) -> Path:
-    """A temporary iNat root: the real image folder symlinked (never copied) + edited json files."""
+def _inat_copy(data_root: Path, tmp: Path, edit) -> Path:
+    """A temporary iNat data_root: the real image folder symlinked (never copied) + edited json files."""
     dst = tmp / "inat"
     dst.mkdir()
-    os.symlink(root / "inat2019" / "train_val2019", dst / "train_val2019")
+    os.symlink(data_root / "inat2019" / "train_val2019", dst / "train_val2019")
     for name in ("train2019.json", "val2019.json"):
-        d = json.loads((root / "inat2019" / name).read_text())
+        d = json.loads((data_root / "inat2019" / name).read_text())
         edit(d)
         (dst / name).write_text(json.dumps(d))
     return dst
 
 
-def test_inat_noncontiguous_category_ids(root, tmp_path):
+def test_inat_noncontiguous_category_ids(data_root, tmp_path):
     remap = {0: 17, 1: 5}
 
     def edit(d):
@@ -58,7 +50,7 @@ def test_inat_noncontiguous_category_ids(root, tmp_path):
         for a in d["annotations"]:
             a["category_id"] = remap[a["category_id"]]
 
-    r = _inat_copy(root, tmp_path, edit)
+    r = _inat_copy(data_root, tmp_path, edit)
     tr = load_inat2019(r, "train")
     assert tr.extra["category_ids"] == [5, 17]
     assert tr.classes == ["Apis mellifera", "Formicidae"]  # index = rank of the id
@@ -66,8 +58,8 @@ def test_inat_noncontiguous_category_ids(root, tmp_path):
         assert label == {1: 0, 0: 1}[int(Path(path).parent.name)]
 
 
-def test_places_real_layout_and_mapping(root):
-    r = root / "places365"
+def test_places_real_layout_and_mapping(data_root):
+    r = data_root / "places365"
     names = places_categories(r)
     assert len(names) == 365 and names[0] == "/a/airfield"
     tr = load_places365(r, "train")
@@ -85,12 +77,12 @@ def test_places_real_layout_and_mapping(root):
     assert len({y for _, y in tr.samples}) == 96
 
 
-def test_imagefolder_real_images(root, tmp_path):
-    imnet = load_imagefolder(root / "imagenet", "train")
+def test_imagefolder_real_images(data_root, tmp_path):
+    imnet = load_imagefolder(data_root / "imagenet", "train")
     assert imnet.num_classes == 200 and len(imnet.samples) == 200
     assert imnet.classes == sorted(imnet.classes)
     # ImageFolder with train/ and val/: real iNat images, symlinked by class
-    inat = load_inat2019(root / "inat2019", "train")
+    inat = load_inat2019(data_root / "inat2019", "train")
     for split, sl in (("train", slice(0, None, 2)), ("val", slice(1, None, 2))):
         for i, (p, y) in enumerate(inat.samples[sl]):
             d = tmp_path / "if" / split / ["ants", "bees"][y]
@@ -100,7 +92,7 @@ def test_imagefolder_real_images(root, tmp_path):
     assert tr.classes == va.classes == ["ants", "bees"]
     assert len(tr.samples) == len(va.samples) == 60
     with pytest.raises(UserError, match=r"imagenet/val: ImageFolder split folder not found"):
-        load_train_val(dict(type="imagefolder", root="imagenet"), root)
+        load_train_val(dict(type="imagefolder", root="imagenet"), data_root)
 
 
 def test_eval_transform_is_resize_centercrop():
@@ -113,8 +105,8 @@ def test_eval_transform_is_resize_centercrop():
 
 
 # ------------------------------------------------------------------ bad input
-def _places_copy(root: Path, tmp: Path, train_lines=None, val_lines=None, drop=()) -> Path:
-    src, dst = root / "places365", tmp / "places"
+def _places_copy(data_root: Path, tmp: Path, train_lines=None, val_lines=None, drop=()) -> Path:
+    src, dst = data_root / "places365", tmp / "places"
     dst.mkdir()
     for d in ("data_256", "val_256"):
         os.symlink(src / d, dst / d)
@@ -136,8 +128,8 @@ def _places_copy(root: Path, tmp: Path, train_lines=None, val_lines=None, drop=(
     return dst
 
 
-def test_places_missing_file(root, tmp_path):
-    r = _places_copy(root, tmp_path, drop=("places365_val.txt",))
+def test_places_missing_file(data_root, tmp_path):
+    r = _places_copy(data_root, tmp_path, drop=("places365_val.txt",))
     with pytest.raises(UserError, match=r"places365_val\.txt: Places365 list file not found"):
         load_places365(r, "val")
     r2 = tmp_path / "p2"
@@ -146,8 +138,8 @@ def test_places_missing_file(root, tmp_path):
         load_places365(r2, "train")
 
 
-def test_places_image_listed_but_absent(root, tmp_path):
-    r = _places_copy(root, tmp_path, val_lines={4: "Places365_val_99999999.jpg 3"})
+def test_places_image_listed_but_absent(data_root, tmp_path):
+    r = _places_copy(data_root, tmp_path, val_lines={4: "Places365_val_99999999.jpg 3"})
     with pytest.raises(UserError) as e:
         load_places365(r, "val")
     msg = str(e.value)
@@ -155,23 +147,23 @@ def test_places_image_listed_but_absent(root, tmp_path):
     assert "\n" not in msg
 
 
-def test_places_label_outside_categories(root, tmp_path):
-    r = _places_copy(root, tmp_path, train_lines={2: "/a/amphitheater/00000001.jpg 400"})
+def test_places_label_outside_categories(data_root, tmp_path):
+    r = _places_copy(data_root, tmp_path, train_lines={2: "/a/amphitheater/00000001.jpg 400"})
     with pytest.raises(UserError, match=r"places365_train_standard\.txt: line 3: label 400 is outside the 365"):
         load_places365(r, "train")
 
 
-def test_places_label_disagrees_with_folder(root, tmp_path):
-    r = _places_copy(root, tmp_path, train_lines={0: "/a/airport_terminal/00000001.jpg 5"})
+def test_places_label_disagrees_with_folder(data_root, tmp_path):
+    r = _places_copy(data_root, tmp_path, train_lines={0: "/a/airport_terminal/00000001.jpg 5"})
     with pytest.raises(UserError, match=r"line 1: image /a/airport_terminal/00000001.jpg is not in the folder of its label 5"):
         load_places365(r, "train")
 
 
-def test_inat_bad_category_and_missing_image(root, tmp_path):
+def test_inat_bad_category_and_missing_image(data_root, tmp_path):
     def bad_cat(d):
         d["annotations"][7]["category_id"] = 99
 
-    r = _inat_copy(root, tmp_path, bad_cat)
+    r = _inat_copy(data_root, tmp_path, bad_cat)
     with pytest.raises(UserError, match=r"train2019\.json: annotations\[7\]: category_id 99 is not in 'categories'"):
         load_inat2019(r, "train")
 
@@ -179,26 +171,26 @@ def test_inat_bad_category_and_missing_image(root, tmp_path):
         d["images"][3]["file_name"] = "train_val2019/Insects/0/nope.jpg"
 
     (tmp_path / "b").mkdir()
-    r = _inat_copy(root, tmp_path / "b", missing)
+    r = _inat_copy(data_root, tmp_path / "b", missing)
     with pytest.raises(UserError, match=r"val2019\.json: images\[3\]: image file .*nope\.jpg does not exist"):
         load_inat2019(r, "val")
     with pytest.raises(UserError, match=r"val2019\.json: not found|annotation file not found"):
         load_inat2019(tmp_path, "val")
 
 
-def test_class_count_disagrees_with_head(root):
+def test_class_count_disagrees_with_head(data_root):
     with pytest.raises(UserError, match=r"train2019\.json 'categories': defines 2 classes but the config's head has num_classes=1010"):
-        load_split("inat2019", root / "inat2019", "train", num_classes=1010)
+        load_split("inat2019", data_root / "inat2019", "train", num_classes=1010)
     with pytest.raises(UserError, match=r"categories_places365\.txt: defines 365 classes .* num_classes=100"):
-        load_split("places365", root / "places365", "val", num_classes=100)
+        load_split("places365", data_root / "places365", "val", num_classes=100)
 
 
-def test_cli_bad_input_one_line_no_metrics(root, tmp_path, capsys, tiny_ckpt, one_thread):
+def test_cli_bad_input_one_line_no_metrics(data_root, tmp_path, capsys, tiny_crossmae_ckpt):
     from transfer import places
-    r = _places_copy(root, tmp_path, val_lines={0: "Places365_val_00000001.jpg 999"})
+    r = _places_copy(data_root, tmp_path, val_lines={0: "Places365_val_00000001.jpg 999"})
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        places.main(["--backbone", str(tiny_ckpt), "--config", "smoke", "--data-root", str(tmp_path),
+        places.main(["--backbone", str(tiny_crossmae_ckpt), "--config", "smoke", "--data-root", str(tmp_path),
                      "--output-dir", str(out), "--cfg-options", "data.root=places"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -210,18 +202,3 @@ def test_cli_bad_input_one_line_no_metrics(root, tmp_path, capsys, tiny_ckpt, on
 
 
 # ------------------------------------------------------------------ shared fixtures (imported by the other test_cls files)
-@pytest.fixture
-def one_thread():
-    """The CI box has 2 shared cores: one intra-op thread is several times faster than two there.
-    The other test_cls files import it and apply it to every test with ``pytestmark``."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tiny_crossmae_ckpt) -> Path:
-    """conftest's tiny CrossMAE (vit_tiny_patch16, 64 px, no final norm) pretrained one epoch by
-    ``crossmae.pretrain`` on the real ImageNet images, official checkpoint layout."""
-    return Path(tiny_crossmae_ckpt)

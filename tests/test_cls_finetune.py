@@ -6,14 +6,12 @@ import json
 import pytest
 import torch
 
-from test_cls_data import one_thread, root, tiny_ckpt  # noqa: F401  (shared fixtures)
 from transfer import finetune, inat
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _argv(ckpt, root, out, *opts, config="smoke"):  # noqa: F811
-    return ["--backbone", str(ckpt), "--config", config, "--data-root", str(root), "--output-dir", str(out),
+def _argv(ckpt, data_root, out, *opts, config="smoke"):  # noqa: F811
+    return ["--backbone", str(ckpt), "--config", config, "--data-root", str(data_root), "--output-dir", str(out),
             "--cfg-options", "deterministic=True", *opts]
 
 
@@ -21,9 +19,9 @@ class Preempted(Exception):
     pass
 
 
-def test_finetune_resume_equals_uninterrupted(tiny_ckpt, root, tmp_path, monkeypatch):  # noqa: F811
+def test_finetune_resume_equals_uninterrupted(tiny_crossmae_ckpt, data_root, tmp_path, monkeypatch):  # noqa: F811
     opts = ("epochs=3", "eval_interval=1")
-    full = finetune.main(_argv(tiny_ckpt, root, tmp_path / "full", *opts))
+    full = finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "full", *opts))
 
     def stop(epoch):
         if epoch == 0:
@@ -31,11 +29,11 @@ def test_finetune_resume_equals_uninterrupted(tiny_ckpt, root, tmp_path, monkeyp
 
     monkeypatch.setattr(finetune, "EPOCH_END_HOOK", stop)
     with pytest.raises(Preempted):
-        finetune.main(_argv(tiny_ckpt, root, tmp_path / "part", *opts))
+        finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "part", *opts))
     assert not (tmp_path / "part" / "metrics.json").exists()
     assert (tmp_path / "part" / "checkpoint-latest.pth").exists()
     monkeypatch.setattr(finetune, "EPOCH_END_HOOK", None)
-    resumed = finetune.main(_argv(tiny_ckpt, root, tmp_path / "part", *opts) + ["--resume"])
+    resumed = finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "part", *opts) + ["--resume"])
     assert resumed["metrics"] == full["metrics"]
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
     a = torch.load(tmp_path / "full" / "checkpoint-latest.pth", weights_only=False)["model"]
@@ -49,19 +47,19 @@ def test_finetune_resume_equals_uninterrupted(tiny_ckpt, root, tmp_path, monkeyp
     assert (tmp_path / "full" / "config.py").exists() and list((tmp_path / "full" / "tb").iterdir())
     # a finished run is never overwritten, and a resumed run must keep its config
     with pytest.raises(SystemExit):
-        finetune.main(_argv(tiny_ckpt, root, tmp_path / "full", *opts))
+        finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "full", *opts))
     assert json.loads((tmp_path / "full" / "metrics.json").read_text()) == m
     monkeypatch.setattr(finetune, "EPOCH_END_HOOK", stop)
     with pytest.raises(Preempted):
-        finetune.main(_argv(tiny_ckpt, root, tmp_path / "p2", *opts))
+        finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "p2", *opts))
     monkeypatch.setattr(finetune, "EPOCH_END_HOOK", None)
     with pytest.raises(SystemExit):
-        finetune.main(_argv(tiny_ckpt, root, tmp_path / "p2", "epochs=4"))
+        finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "p2", "epochs=4"))
 
 
-def test_inat_finetune_beats_chance(tiny_ckpt, root, tmp_path):  # noqa: F811
+def test_inat_finetune_beats_chance(tiny_crossmae_ckpt, data_root, tmp_path):  # noqa: F811
     """Real iNat-format data (2 classes, 120 train / 40 val), tiny CrossMAE backbone, 64 px."""
-    res = inat.main(_argv(tiny_ckpt, root, tmp_path / "inat", *BEATS_CHANCE_OPTS))
+    res = inat.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "inat", *BEATS_CHANCE_OPTS))
     assert res["task"] == "inat" and res["protocol"] == "finetune"
     assert res["metrics"]["top1"] > 50.0, res["history"]
 

@@ -7,21 +7,19 @@ import json
 import pytest
 import torch
 
-from test_cls_data import one_thread, root, tiny_ckpt  # noqa: F401  (shared fixtures)
 from transfer import inat, linprobe, places
 from transfer.cls_data import ClassificationData
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _argv(ckpt, root, out, cache, *opts, config="smoke"):  # noqa: F811
-    return ["--backbone", str(ckpt), "--config", config, "--data-root", str(root), "--output-dir", str(out),
+def _argv(ckpt, data_root, out, cache, *opts, config="smoke"):  # noqa: F811
+    return ["--backbone", str(ckpt), "--config", config, "--data-root", str(data_root), "--output-dir", str(out),
             "--cfg-options", f"fast.cache_dir={cache}", "deterministic=True", *opts]
 
 
-def test_fast_probe_grid_cache_and_blind_selection(tiny_ckpt, root, tmp_path, monkeypatch):  # noqa: F811
+def test_fast_probe_grid_cache_and_blind_selection(tiny_crossmae_ckpt, data_root, tmp_path, monkeypatch):  # noqa: F811
     cache = tmp_path / "cache"
-    a = linprobe.main(_argv(tiny_ckpt, root, tmp_path / "a", cache, "protocol=fast"))
+    a = linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "a", cache, "protocol=fast"))
     assert a["protocol"] == "linprobe_fast"
     # 4 blocks x {token, avg} entries, train + val, all misses on a cold cache
     assert a["cache"] == {"hits": 0, "misses": 16}
@@ -37,7 +35,7 @@ def test_fast_probe_grid_cache_and_blind_selection(tiny_ckpt, root, tmp_path, mo
     assert saved["choice"] == a["choice"] and saved["grid"] == a["grid"]
 
     # warm cache: same grid, same result, no extraction
-    b = linprobe.main(_argv(tiny_ckpt, root, tmp_path / "b", cache, "protocol=fast"))
+    b = linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "b", cache, "protocol=fast"))
     assert b["cache"] == {"hits": 16, "misses": 0}
     assert b["grid"] == a["grid"] and b["metrics"] == a["metrics"]
 
@@ -51,7 +49,7 @@ def test_fast_probe_grid_cache_and_blind_selection(tiny_ckpt, root, tmp_path, mo
         return tr, ClassificationData([(p, y) for (p, _), y in zip(va.samples, ys)], va.classes, va.source)
 
     monkeypatch.setattr(linprobe, "load_train_val", scrambled)
-    c = linprobe.main(_argv(tiny_ckpt, root, tmp_path / "c", cache, "protocol=fast"))
+    c = linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "c", cache, "protocol=fast"))
     assert c["cache"] == {"hits": 8, "misses": 8}  # train hit, val (other labels) re-extracted
     assert c["grid"] == a["grid"] and c["choice"] == a["choice"]
     assert c["holdout_indices_sha256"] == a["holdout_indices_sha256"]
@@ -61,10 +59,10 @@ class Preempted(Exception):
     pass
 
 
-def test_fast_probe_resume_and_blocks_curve(tiny_ckpt, root, tmp_path, monkeypatch):  # noqa: F811
+def test_fast_probe_resume_and_blocks_curve(tiny_crossmae_ckpt, data_root, tmp_path, monkeypatch):  # noqa: F811
     cache = tmp_path / "cache"
     opts = ("protocol=fast", "fast.checkpoint_interval=1")
-    full = linprobe.main(_argv(tiny_ckpt, root, tmp_path / "full", cache, *opts))
+    full = linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "full", cache, *opts))
 
     def stop(epoch):
         if epoch == 1:
@@ -72,13 +70,13 @@ def test_fast_probe_resume_and_blocks_curve(tiny_ckpt, root, tmp_path, monkeypat
 
     monkeypatch.setattr(linprobe, "EPOCH_END_HOOK", stop)
     with pytest.raises(Preempted):
-        linprobe.main(_argv(tiny_ckpt, root, tmp_path / "part", cache, *opts))
+        linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "part", cache, *opts))
     assert not (tmp_path / "part" / "metrics.json").exists()
     monkeypatch.setattr(linprobe, "EPOCH_END_HOOK", None)
-    res = linprobe.main(_argv(tiny_ckpt, root, tmp_path / "part", cache, *opts))
+    res = linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "part", cache, *opts))
     assert res["metrics"] == full["metrics"] and res["grid"] == full["grid"]
 
-    blk = linprobe.main(_argv(tiny_ckpt, root, tmp_path / "blocks", cache, "protocol=blocks"))
+    blk = linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "blocks", cache, "protocol=blocks"))
     curve = json.loads((tmp_path / "blocks" / "blocks.json").read_text())["curve"]
     assert set(curve) == {"token", "avg"} and [r["block"] for r in curve["token"]] == [0, 1, 2, 3]
     assert (tmp_path / "blocks" / "blocks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -86,23 +84,23 @@ def test_fast_probe_resume_and_blocks_curve(tiny_ckpt, root, tmp_path, monkeypat
     assert blk["metrics"]["top1"] == blk["choice"]["top1"]
 
 
-def test_mae_protocol_on_places_and_knn_on_inat(tiny_ckpt, root, tmp_path):  # noqa: F811
+def test_mae_protocol_on_places_and_knn_on_inat(tiny_crossmae_ckpt, data_root, tmp_path):  # noqa: F811
     from crossmae import load_backbone
     cache = tmp_path / "cache"
-    res = places.main(_argv(tiny_ckpt, root, tmp_path / "pl", cache, "epochs=2", "batch_size=32") + ["--protocol", "linprobe"])
+    res = places.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "pl", cache, "epochs=2", "batch_size=32") + ["--protocol", "linprobe"])
     assert res["task"] == "places" and res["protocol"] == "linprobe_mae" and res["num_classes"] == 365
     assert res["feature_norm"] == "paramfree_ln" and res["pooling"] == "token"
     st = torch.load(tmp_path / "pl" / "checkpoint-latest.pth", weights_only=False)["model"]
     # head = BatchNorm1d(affine=False) + Linear; only the head is stored / trained
     assert set(st) == {"0.running_mean", "0.running_var", "0.num_batches_tracked", "1.weight", "1.bias"}
     assert st["1.weight"].shape == (365, 64)
-    vit, rep = load_backbone(tiny_ckpt, arch="vit_tiny_patch16", img_size=32)
+    vit, rep = load_backbone(tiny_crossmae_ckpt, arch="vit_tiny_patch16", img_size=32)
     probe = linprobe.LinearProbe(linprobe.FeatureEncoder(vit, rep.has_final_norm), 365, "avg").train()
     assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.1.weight", "head.1.bias"]
     assert probe.head[0].affine is False and not probe.encoder.training and probe.head.training
 
-    k = inat.main(_argv(tiny_ckpt, root, tmp_path / "knn", cache, "protocol=knn") + ["--protocol", "linprobe"])
+    k = inat.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "knn", cache, "protocol=knn") + ["--protocol", "linprobe"])
     assert k["protocol"] == "linprobe_knn" and k["epochs"] == 0
     assert k["metrics"]["top1"] == k["metrics"]["knn_token_top1"]
     with pytest.raises(SystemExit):  # a fine-tuning config given to --protocol linprobe
-        inat.main(_argv(tiny_ckpt, root, tmp_path / "x", cache, config="configs/inat/smoke.py") + ["--protocol", "linprobe"])
+        inat.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "x", cache, config="configs/inat/smoke.py") + ["--protocol", "linprobe"])

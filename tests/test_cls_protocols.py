@@ -9,14 +9,12 @@ import torch
 from mmengine.config import Config
 from timm.models.vision_transformer import VisionTransformer
 
-from test_cls_data import one_thread, root, tiny_ckpt  # noqa: F401  (shared fixtures)
 from transfer.cls_data import ImageDataset, eval_transform, load_inat2019
 from transfer.feature_cache import FeatureCache, FeatureEncoder
 from transfer.finetune import build_optimizer
 from transfer.lars import LARS
 from transfer.linprobe import holdout_split, knn_classify, select_best
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ layer decay
@@ -144,12 +142,12 @@ def test_holdout_split_and_selection():
 
 
 # ------------------------------------------------------------------ feature cache
-def test_feature_cache_hit_and_invalidation(root, tiny_ckpt, tmp_path):  # noqa: F811
+def test_feature_cache_hit_and_invalidation(data_root, tiny_crossmae_ckpt, tmp_path):  # noqa: F811
     from crossmae import load_backbone
     from torch.utils.data import DataLoader
-    vit, report = load_backbone(tiny_ckpt, arch="vit_tiny_patch16", img_size=32, global_pool="token")
+    vit, report = load_backbone(tiny_crossmae_ckpt, arch="vit_tiny_patch16", img_size=32, global_pool="token")
     enc = FeatureEncoder(vit, report.has_final_norm)
-    data = load_inat2019(root / "inat2019", "val")
+    data = load_inat2019(data_root / "inat2019", "val")
     data.samples = data.samples[:6]
     t = eval_transform(32)
     loader = DataLoader(ImageDataset(data, t), batch_size=4)
@@ -183,9 +181,9 @@ def test_feature_cache_hit_and_invalidation(root, tiny_ckpt, tmp_path):  # noqa:
     assert cache.load(key) is None
 
 
-def test_crossmae_token_feature_uses_parameter_free_norm(tiny_ckpt):  # noqa: F811
+def test_crossmae_token_feature_uses_parameter_free_norm(tiny_crossmae_ckpt):  # noqa: F811
     from crossmae import load_backbone
-    vit, report = load_backbone(tiny_ckpt, arch="vit_tiny_patch16", img_size=32, global_pool="token")
+    vit, report = load_backbone(tiny_crossmae_ckpt, arch="vit_tiny_patch16", img_size=32, global_pool="token")
     assert report.has_final_norm is False
     enc = FeatureEncoder(vit, report.has_final_norm)
     x = torch.randn(2, 3, 32, 32)
@@ -196,14 +194,14 @@ def test_crossmae_token_feature_uses_parameter_free_norm(tiny_ckpt):  # noqa: F8
 
 
 # ------------------------------------------------------------------ fine-tuning model, loss, presets
-def test_finetune_model_head_pool_and_pos_embed(tiny_ckpt):  # noqa: F811
+def test_finetune_model_head_pool_and_pos_embed(tiny_crossmae_ckpt):  # noqa: F811
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from transfer.finetune import build_criterion, build_finetune_model, build_mixup
     cfg = Config(dict(arch="vit_tiny_patch16", input_size=32, global_pool="avg", drop_path=0.1,
                       head_init_std=2e-5, mixup=0.8, cutmix=1.0, cutmix_minmax=None, mixup_prob=1.0,
                       mixup_switch_prob=0.5, mixup_mode="batch", smoothing=0.1))
     torch.manual_seed(0)
-    model, report = build_finetune_model(str(tiny_ckpt), cfg, num_classes=7)
+    model, report = build_finetune_model(str(tiny_crossmae_ckpt), cfg, num_classes=7)
     assert sorted(report.missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     assert report.pos_embed_resized is not None  # 64 px checkpoint -> 32 px model: bicubic resize
     assert model.pos_embed.shape == (1, 1 + 4, 64)

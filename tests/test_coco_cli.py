@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from transfer import coco
-from test_coco_data import _one_thread  # noqa: F401  (autouse: 1 intra-op thread)
 
 # 128-px tiny detector; score threshold 0 so that the untrained model produces detections and the
 # whole inference path (mask pasting, RLE, COCOeval on real predictions) runs.

@@ -12,16 +12,6 @@ from crossmae.utils import UserError
 from transfer.vitdet.data import LSJ, CocoInstances, ResizeShortestEdge, TrainingStream, boxes_from_masks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the shared 2-core CI machine is oversubscribed, where 2 threads per
-    process are several times slower than 1. Imported (autouse) by the other test_coco_* modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def coco(data_root):
     return data_root / "coco"

@@ -10,7 +10,6 @@ from crossmae.utils import REPO_ROOT, load_config
 from transfer.vitdet.backbone import load_pretrained_backbone, resize_abs_pos
 from transfer.vitdet.model import build_model, build_vit
 from transfer.vitdet.optim import lr_factor, param_groups
-from test_coco_data import _one_thread  # noqa: F401  (autouse: 1 intra-op thread)
 
 PRESETS = REPO_ROOT / "configs" / "coco"
 

@@ -23,7 +23,6 @@ FAST = ["data_subset=16", "batch_size=4", "total_batch_size=8", "num_workers=0",
         "verify_images=False", "log_freq=1", "warmup_epochs=1"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(out: Path, data_root: Path, *opts: str, config: str = "smoke_crossmae", extra=()) -> dict:

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from crossmae.checkpoint import CheckpointManager, unwrap
 from crossmae.utils import (REPO_ROOT, UserError, atomic_write_json, cli_entry, config_hash, default_device,
                             init_distributed, is_main_process, resolve_data_root, seed_everything, seed_worker)
-from transfer.cls_common import (build_parser as _common_parser, close_logger, code_version, device_name,
-                                 get_logger, prepare_run, report_dict, resolve_config, tb_writer)
+from crossmae.runs import (build_parser as _common_parser, close_logger, code_version, device_name,
+                           get_logger, prepare_run, report_dict, resolve_config, tb_writer)
 from transfer.seg.data import (IGNORE_INDEX, PositionBatchSampler, SegTestDataset, SegTrainDataset, load_pair,
                                overlay, read_class_names, resize_pair, to_tensor)
 from transfer.seg.metrics import ConfusionMatrix

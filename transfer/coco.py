@@ -31,8 +31,7 @@ from crossmae.checkpoint import CheckpointManager, unwrap
 from crossmae.utils import (REPO_ROOT, UserError, atomic_save, atomic_write_json, atomic_write_text, cli_entry,
                             config_hash, init_distributed, is_main_process, load_config, resolve_data_root,
                             safe_torch_load, seed_everything, seed_worker, sha256_file)
-# generic run plumbing shared with the classification tasks (candidates for crossmae.utils)
-from transfer.cls_common import close_logger, code_version, get_logger
+from crossmae.runs import close_logger, code_version, get_logger
 
 TASK = "coco"
 PRESET_DIR = REPO_ROOT / "configs" / "coco"

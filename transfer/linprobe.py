@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crossmae.checkpoint import CheckpointManager, unwrap
-from crossmae.utils import (UserError, atomic_write_bytes, cli_entry, init_distributed, resolve_data_root,
+from crossmae.utils import (UserError, atomic_write_bytes, atomic_write_json, cli_entry, init_distributed, resolve_data_root,
                             seed_everything)
 
 from . import cls_common as C
@@ -406,7 +406,7 @@ def _blocks_probe(ctx) -> tuple[dict, dict]:
                              "top1": v["top1"], "top5": v["top5"]})
     best_pool, best_block = max(((p, r) for p in pools for r in curve[p]), key=lambda pr: pr[1]["holdout_top1"])
     out = ctx["out"]
-    C.atomic_write_json({"curve": curve, "selection_split": "train holdout", "depth": L}, out / "blocks.json")
+    atomic_write_json({"curve": curve, "selection_split": "train holdout", "depth": L}, out / "blocks.json")
     _plot_curve(curve, out / "blocks.png", ctx["backbone"])
     metrics = {"top1": best_block["top1"], "top5": best_block["top5"]}
     extra = {"selection_split": f"train holdout ({len(hold_idx)} of {n} train images, seed {cfg.seed})",
