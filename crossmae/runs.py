@@ -24,7 +24,9 @@ def build_parser(prog: str, description: str, protocols: tuple[str, ...] | None 
     """The common command line of every task command (task protocol of docs/CONTRACTS.md)."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--backbone", required=True, help="pretrained checkpoint (MAE / CrossMAE / timm / ours)")
-    p.add_argument("--config", default="smoke", help="config file or preset name (paper_vit_base, smoke, …)")
+    p.add_argument("--config", default=None,
+                   help="config file or preset name (paper_vit_base, smoke, …); default: the paper preset of the "
+                        "backbone's architecture")
     p.add_argument("--data-root", default=None, help="datasets root (default $CROSSMAE_DATA_ROOT or ../shared/data)")
     p.add_argument("--output-dir", required=True, help="run folder (resumed when it holds a checkpoint)")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
@@ -37,10 +39,31 @@ def build_parser(prog: str, description: str, protocols: tuple[str, ...] | None 
     return p
 
 
+def default_preset(args, preset_dir: str | Path, prefix: str = "") -> str:
+    """``args.config`` when given, else the paper preset matching the backbone's architecture:
+    ``vit_base_patch16`` → ``<prefix>paper_vit_base`` (looked up in ``preset_dir``).
+
+    Raises:
+        UserError: no ``--config`` and no usable ``--backbone``, or no paper preset for its architecture.
+    """
+    if args.config:
+        return args.config
+    backbone = getattr(args, "backbone", None)
+    if not backbone or backbone == "none":
+        raise UserError("--config: required when no --backbone checkpoint is given")
+    from .backbone import load_encoder_state_dict
+    _, report = load_encoder_state_dict(backbone)
+    name = prefix + "paper_" + report.arch.rsplit("_patch", 1)[0]
+    if not (Path(preset_dir) / f"{name}.py").is_file():
+        raise UserError(f"{backbone}: no paper preset for {report.arch} in {preset_dir}; pass --config "
+                        f"(e.g. smoke, or a config file)")
+    return name
+
+
 def resolve_config(args, preset_dir: str | Path):
     """Load ``--config`` (a path or a preset of ``preset_dir``) with ``--cfg-options``, ``--seed``
     and ``--protocol`` applied. Returns an ``mmengine.Config``."""
-    cfg = load_config(args.config, args.cfg_options, preset_dir)
+    cfg = load_config(default_preset(args, preset_dir), args.cfg_options, preset_dir)
     if getattr(args, "seed", None) is not None:
         cfg.seed = args.seed
     if getattr(args, "protocol", None) is not None:

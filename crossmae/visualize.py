@@ -59,7 +59,7 @@ import torch
 
 from .attention import record_attention
 from .models import ARCHS, CrossMAE, MAE, create_model, parse_model_name, random_masking
-from .utils import UserError, _atomic_write, atomic_write_json, cli_entry, resolve_data_root, safe_torch_load
+from .utils import UserError, atomic_write_bytes, atomic_write_json, cli_entry, resolve_data_root, safe_torch_load
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -396,7 +396,7 @@ def _write_png(save, path: Path) -> Path:
     buf = io.BytesIO()
     save(buf)
     data = buf.getvalue()
-    return _atomic_write(path, lambda f: f.write(data), binary=True)
+    return atomic_write_bytes(data, path)
 
 
 def save_pil(img, path: Path) -> Path:

@@ -14,7 +14,7 @@ import torch
 
 from crossmae.lr_sched import adjust_learning_rate, lr_at  # noqa: F401  (MAE util/lr_sched.py)
 from crossmae.runs import (Timer, amp_dtype_for, backbone_sha, build_parser, close_logger, code_version,  # noqa: F401
-                           device_name, finish_run, get_logger, prepare_run, report_dict, resolve_config, tb_writer)
+                           default_preset, device_name, finish_run, get_logger, prepare_run, report_dict, resolve_config, tb_writer)
 from crossmae.utils import REPO_ROOT, UserError, default_device, load_config
 
 CONFIG_ROOT = REPO_ROOT / "configs"
@@ -117,9 +117,10 @@ def dataset_task_main(task: str, argv: list[str] | None, description: str) -> di
     """
     args = dataset_parser(task, description).parse_args(argv)
     preset_dir = CONFIG_ROOT / task
-    config = args.config
-    if args.protocol == "linprobe" and not Path(config).suffix and not config.startswith("linprobe_"):
-        config = "linprobe_" + config
+    prefix = "linprobe_" if args.protocol == "linprobe" else ""
+    config = default_preset(args, preset_dir, prefix)
+    if prefix and not Path(config).suffix and not config.startswith(prefix):
+        config = prefix + config
     cfg = load_config(config, args.cfg_options, preset_dir)
     if args.seed is not None:
         cfg.seed = args.seed

@@ -31,7 +31,7 @@ from crossmae.checkpoint import CheckpointManager, unwrap
 from crossmae.utils import (REPO_ROOT, UserError, atomic_save, atomic_write_json, atomic_write_text, cli_entry,
                             config_hash, init_distributed, is_main_process, load_config, resolve_data_root,
                             safe_torch_load, seed_everything, seed_worker, sha256_file)
-from crossmae.runs import close_logger, code_version, get_logger
+from crossmae.runs import close_logger, code_version, default_preset, get_logger
 
 TASK = "coco"
 PRESET_DIR = REPO_ROOT / "configs" / "coco"
@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default=None,
                    help="pretrained encoder checkpoint (MAE / CrossMAE / timm); 'none' = random init")
-    p.add_argument("--config", default="paper_vit_base",
+    p.add_argument("--config", default=None,
                    help="preset name in configs/coco (paper_vit_base, paper_vit_large, paper_vit_huge, smoke) "
-                        "or a .py config path")
+                        "or a .py config path; default: the paper preset of the backbone's architecture")
     p.add_argument("--data-root", default=None, help="datasets root holding coco/ (default $CROSSMAE_DATA_ROOT "
                                                      "or ../shared/data)")
     p.add_argument("--output-dir", default="output/coco", help="run folder (resumed when it has a checkpoint)")
@@ -164,11 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
         UserError: bad config / option / backbone / data (one line); nothing is written to metrics.json.
     """
     args = build_parser().parse_args(argv)
-    cfg = load_config(args.config, args.cfg_options, preset_dir=PRESET_DIR)
     if args.eval_only and not args.weights:
         raise UserError("--eval-only needs --weights (a model_final.pth or training checkpoint)")
     if not args.eval_only and args.backbone is None:
         raise UserError("--backbone is required (a MAE / CrossMAE checkpoint, or 'none' for random init)")
+    cfg = load_config(default_preset(args, PRESET_DIR), args.cfg_options, preset_dir=PRESET_DIR)
     tc = cfg.train
     rank, world, local_rank = init_distributed()
     if args.device:
