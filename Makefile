@@ -14,5 +14,5 @@ demo: install
 	CROSSMAE_DATA_ROOT=$(DATA_ROOT) $(PYTHON) -m benchmarks.main_job --data-root $(DATA_ROOT) --output-dir $(OUT)
 
 test: install
-	-bash slurm/cluster.sh start
+	-bash slurm/cluster.sh ensure
 	CROSSMAE_DATA_ROOT=$(DATA_ROOT) $(PYTHON) -m pytest -q --durations=25

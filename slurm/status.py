@@ -1,0 +1,228 @@
+"""``python -m slurm.status OUTPUT_DIR``: every task of an output folder with its state.
+
+States: ``pending`` (queued, requeued, or waiting for a dependency), ``running``, ``done``
+(``metrics.json`` exists), ``failed`` (with the first line of its error and the path of its log),
+``cancelled``. Sources, in order: ``metrics.json``; the task's ``task_state.json`` (written by the
+running task); for Slurm jobs ``sacct`` (one call for all jobs), which also catches jobs killed
+without a Python error (time limit, out of memory, node failure, ``scancel``); for local jobs
+whether the recorded process still lives.
+
+Example::
+
+    python -m slurm.status runs/smoke            # table
+    python -m slurm.status runs/smoke --json     # machine-readable
+    python -m slurm.status runs/smoke --state failed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from crossmae.utils import UserError, cli_entry
+
+from .tasks import METRICS_JSON, STATE_JSON, TASK_JSON, read_json
+
+STATES = ("pending", "running", "done", "failed", "cancelled")
+_SLURM_FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+_SLURM_PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED"}
+_SLURM_RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT"}
+
+
+@dataclass
+class TaskStatus:
+    """One task's state. ``active`` is True while a scheduler / process may still run it."""
+
+    id: str
+    dir: str
+    state: str
+    job_id: str | None = None
+    executor: str | None = None
+    error: str | None = None
+    log: str | None = None
+    attempts: int = 0
+    active: bool = False
+    scheduler_state: str | None = None
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, str]:
+    """Job id → Slurm state (first word) for ``job_ids``; ``{}`` when sacct is unavailable."""
+    if not job_ids:
+        return {}
+    try:
+        p = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j",
+                            ",".join(sorted({j.split("_")[0] for j in job_ids}))],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    out = {}
+    for ln in p.stdout.splitlines():
+        parts = ln.split("|")
+        if len(parts) >= 2 and parts[1]:
+            out[parts[0]] = parts[1].split()[0]
+    return out
+
+
+def _slurm_state(job_id: str, states: dict[str, str]) -> str | None:
+    if job_id in states:
+        return states[job_id]
+    if "_" in job_id:  # array element not started yet: sacct shows "<id>_[0-5%2]"
+        base, idx = job_id.split("_", 1)
+        for k, v in states.items():
+            if k.startswith(base + "_[") and _in_range(idx, k[len(base) + 2:-1]):
+                return v
+    return None
+
+
+def _in_range(idx: str, spec: str) -> bool:
+    spec = spec.split("%")[0]
+    try:
+        i = int(idx)
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            if int(lo) <= i <= int(hi or lo):
+                return True
+    except ValueError:
+        return False
+    return False
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def _last_error_line(log: str | None) -> str | None:
+    if not log or not Path(log).is_file():
+        return None
+    lines = [ln.strip() for ln in Path(log).read_text(errors="replace").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "error" in ln or "CANCELLED" in ln:
+            return ln[:300]
+    return lines[-1][:300] if lines else None
+
+
+def task_status(d: str | os.PathLike, sacct: dict[str, str] | None = None, tid: str | None = None) -> TaskStatus:
+    """The state of the task in folder ``d`` (see the module doc). ``sacct``: a prefetched
+    :func:`sacct_states` map (queried here when None and the task ran on Slurm)."""
+    d = Path(d)
+    task = read_json(d / TASK_JSON)
+    st = read_json(d / STATE_JSON)
+    tid = tid or task.get("spec", {}).get("id") or d.name
+    job_id = st.get("job_id") or task.get("job_id")
+    log = st.get("log") or task.get("stderr")
+    ts = TaskStatus(id=tid, dir=str(d), state="pending", job_id=job_id, executor=task.get("executor"), log=log,
+                    attempts=int(st.get("attempts", 0)))
+    if (d / METRICS_JSON).is_file():
+        ts.state = "done"
+        return ts
+    state = st.get("state")
+    if state == "failed":
+        ts.state, ts.error = "failed", st.get("error")
+        return ts
+    if state == "cancelled":
+        ts.state = "cancelled"
+        return ts
+    if ts.executor == "slurm" and job_id:
+        states = sacct if sacct is not None else sacct_states([job_id])
+        sl = _slurm_state(job_id, states)
+        ts.scheduler_state = sl
+        if sl in _SLURM_PENDING:  # sacct lags the start by up to a second: trust a running task
+            ts.state, ts.active = ("running" if state == "running" else "pending"), True
+        elif sl in _SLURM_RUNNING:
+            ts.state, ts.active = "running", True
+        elif sl == "CANCELLED":
+            ts.state = "cancelled"
+        elif sl in _SLURM_FAILED:
+            ts.state, ts.error = "failed", f"slurm state {sl}: {_last_error_line(log) or 'no log line'}"
+        elif sl == "COMPLETED":
+            ts.state, ts.error = "failed", "job completed without writing metrics.json"
+        else:  # not in sacct (yet): trust the task's own state
+            ts.state = "running" if state == "running" else "pending"
+            ts.active = True
+        return ts
+    if ts.executor in ("local", "debug"):
+        if state == "running":
+            here = st.get("host") == socket.gethostname()
+            if not here or _pid_alive(st.get("pid")):
+                ts.state, ts.active = "running", True
+            else:
+                ts.state, ts.error = "failed", f"process {st.get('pid')} ended without metrics.json (killed?)"
+        elif state == "requeued":
+            ts.state, ts.active = "pending", True
+        else:
+            ppid = st.get("ppid")
+            ts.active = bool(ppid and _pid_alive(ppid))
+    return ts
+
+
+def find_tasks(root: str | os.PathLike) -> list[Path]:
+    """Folders under ``root`` that hold a ``task.json`` or a ``task_state.json`` (sorted)."""
+    root = Path(root)
+    dirs = {p.parent for name in (TASK_JSON, STATE_JSON) for p in root.rglob(name)}
+    return sorted(d for d in dirs if "jobs" not in d.relative_to(root).parts[:1])
+
+
+def collect(root: str | os.PathLike) -> list[TaskStatus]:
+    """Every task of an output folder with its state (one ``sacct`` call for the Slurm ones).
+
+    Raises:
+        UserError: ``root`` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: output folder does not exist")
+    dirs = find_tasks(root)
+    jobs = []
+    for d in dirs:
+        t = read_json(d / TASK_JSON)
+        if t.get("executor") == "slurm":
+            jobs.append(read_json(d / STATE_JSON).get("job_id") or t.get("job_id"))
+    states = sacct_states([j for j in jobs if j])
+    return [task_status(d, states, tid=str(d.relative_to(root))) for d in dirs]
+
+
+def format_table(rows: list[TaskStatus]) -> str:
+    counts = {s: sum(r.state == s for r in rows) for s in STATES}
+    w = max([len(r.id) for r in rows] + [4])
+    lines = [f"{'task':{w}s}  {'state':9s}  {'job':12s}  detail"]
+    for r in rows:
+        detail = ""
+        if r.state == "failed":
+            detail = f"{r.error or 'failed'} | log: {r.log or '-'}"
+        elif r.state in ("running", "pending") and r.log:
+            detail = f"log: {r.log}" + (f" (attempt {r.attempts})" if r.attempts > 1 else "")
+        lines.append(f"{r.id:{w}s}  {r.state:9s}  {(r.job_id or '-'):12s}  {detail}")
+    lines.append("total: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) if rows else "no tasks")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m slurm.status", description=__doc__.split("\n\n")[0])
+    p.add_argument("output_dir")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--state", choices=STATES, default=None, help="only tasks in this state")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> list[TaskStatus]:
+    args = build_parser().parse_args(argv)
+    rows = collect(args.output_dir)
+    if args.state:
+        rows = [r for r in rows if r.state == args.state]
+    print(json.dumps([asdict(r) for r in rows], indent=1) if args.json else format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,518 @@
+"""Expand a suite into tasks × backbones × seeds and run them on Slurm, locally, or in-process.
+
+::
+
+    python -m slurm.submit --suite paper --backbone mae=mae_b.pth --backbone cmae=cmae_b.pth \\
+        --seeds 0 1 2 --output-dir runs/paper --partition gpu --account proj --constraint a100
+    python -m slurm.submit --suite smoke --pretrain mae=smoke_mae --pretrain crossmae=smoke_crossmae \\
+        --output-dir runs/smoke --executor local
+
+Layout of ``--output-dir``::
+
+    pretrain/<name>/                     a pretraining run (``--pretrain NAME=CONFIG``)
+    <backbone>/<task>-<config>/seed<k>/  a transfer task: metrics.json, checkpoints, log.txt,
+                                         task.json (spec + job), task_state.json (state, error)
+    jobs/<job id>/                       submitit's job folder (pickles, stdout/stderr logs)
+    leaderboard.{csv,md,png}, leaderboard_paired.csv
+
+On Slurm: one job per pretraining (multi-node DDP, requeued on preemption / time-out), one array job
+per task type (``map_array``) with ``--dependency=afterok:<pretraining jobs>`` when its backbones
+come from this submission, and a final leaderboard job (``afterany`` on every array). Locally the
+same graph runs in order (at most ``--array-parallelism`` tasks at a time) with a progress display.
+A task whose metrics exist is skipped (``--force`` moves its folder aside to ``<dir>.old-<time>``
+and reruns it); a task already queued or running is not submitted twice.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.suites import Resources, Suite, TaskDef, get_suite
+from crossmae.utils import REPO_ROOT, UserError, atomic_write_json, cli_entry, resolve_data_root
+
+from .executor import EXECUTORS, ClusterOptions, make_executor, resolve_executor
+from .tasks import METRICS_JSON, PRETRAIN_PREFIX, STATE_JSON, TASK_JSON, TaskRunner, TaskSpec, read_json, run_leaderboard, write_state
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+# --------------------------------------------------------------------------------------------------
+# planning
+# --------------------------------------------------------------------------------------------------
+def parse_named(values: list[str] | None, option: str, default_name=None) -> dict[str, str]:
+    """``["a=x", "y"]`` → ``{"a": "x", default_name("y"): "y"}``.
+
+    Raises:
+        UserError: a bad or repeated name.
+    """
+    out: dict[str, str] = {}
+    for v in values or []:
+        if "=" in v:
+            name, val = v.split("=", 1)
+        elif default_name is not None:
+            name, val = default_name(v), v
+        else:
+            raise UserError(f"{option} {v}: expected NAME=VALUE")
+        if not NAME_RE.match(name):
+            raise UserError(f"{option} {v}: name {name!r} must match {NAME_RE.pattern}")
+        if name in out or name == "pretrain" and option == "--backbone":
+            raise UserError(f"{option} {v}: name {name!r} used twice (or reserved)")
+        if not val:
+            raise UserError(f"{option} {v}: empty value")
+        out[name] = val
+    return out
+
+
+def parse_kv(values: list[str] | None, option: str) -> dict[str, str]:
+    out = {}
+    for v in values or []:
+        if "=" not in v:
+            raise UserError(f"{option} {v}: expected key=value")
+        k, val = v.split("=", 1)
+        out[k.strip()] = val.strip()
+    return out
+
+
+def _check_config(td: TaskDef, config: str, option: str) -> None:
+    """The preset exists (``configs/<dir>/<preset>.py``) or the path exists, when the module has a
+    configs folder. Raises UserError otherwise."""
+    if "/" in config or config.endswith(".py"):
+        if not Path(config).is_file():
+            raise UserError(f"{option} {config}: config file not found")
+        return
+    d = REPO_ROOT / "configs" / td.config_dir
+    if d.is_dir() and not (d / f"{config}.py").is_file():
+        known = ", ".join(sorted(p.stem for p in d.glob("*.py") if not p.stem.startswith("_")))
+        raise UserError(f"{option} {config}: no preset configs/{td.config_dir}/{config}.py (presets: {known})")
+
+
+def checkpoint_arch(path: str | Path) -> str | None:
+    """The encoder architecture recorded in a pretraining checkpoint's ``args.model`` (or None)."""
+    from benchmarks.leaderboard import pretrain_meta
+    try:
+        return pretrain_meta(path).get("arch") or None
+    except UserError:
+        return None
+
+
+def plan(suite: Suite, out: Path, *, backbones: dict[str, str] | None = None, pretrains: dict[str, str] | None = None,
+         seeds: list[int] = (0,), data_root: str | None = None, tasks: list[str] | None = None,
+         arch: str | None = None, cfg_options: list[str] | None = None, pretrain_cfg_options: list[str] | None = None,
+         resources: dict | None = None, pretrain_resources: dict | None = None) -> list[TaskSpec]:
+    """The task list: pretraining specs first, then suite tasks × backbones × seeds.
+
+    Args:
+        backbones: name → existing checkpoint. pretrains: name → pretraining config (preset or path);
+            their transfer tasks use ``pretrain:<dir>`` and depend on the pretraining.
+        arch: the backbones' architecture (selects per-arch presets / resources); default: read from
+            each checkpoint's ``args.model``, else the suite's default.
+
+    Raises:
+        UserError: no backbone at all, a missing checkpoint, a name used twice, a bad preset, bad seeds.
+    """
+    backbones, pretrains = dict(backbones or {}), dict(pretrains or {})
+    if not backbones and not pretrains:
+        raise UserError("--backbone/--pretrain: give at least one backbone (NAME=CKPT) or pretraining config")
+    if set(backbones) & set(pretrains):
+        raise UserError(f"--pretrain: name {sorted(set(backbones) & set(pretrains))[0]!r} also used by --backbone")
+    if not seeds or len(set(seeds)) != len(list(seeds)):
+        raise UserError(f"--seeds {' '.join(map(str, seeds))}: give distinct seeds")
+    out = out.resolve()
+    specs: list[TaskSpec] = []
+    chosen = suite.select(tasks)
+    sources: dict[str, tuple[str, str, list[str]]] = {}  # name -> (backbone, arch, depends_on)
+    for name, ckpt in backbones.items():
+        p = Path(ckpt).expanduser()
+        if not p.exists():
+            raise UserError(f"--backbone {name}={ckpt}: checkpoint not found")
+        a = arch or (checkpoint_arch(p) if p.is_file() else None) or suite.default_arch
+        sources[name] = (str(p.resolve()), a, [])
+    if pretrains and suite.pretrain is None:
+        raise UserError(f"--pretrain: suite {suite.name!r} defines no pretraining")
+    for name, config in pretrains.items():
+        td = suite.pretrain
+        a = arch or suite.default_arch
+        _check_config(td, config, "--pretrain")
+        res = td.resources_for(a).replace(**(pretrain_resources or {}))
+        d = out / "pretrain" / name
+        specs.append(TaskSpec(id=f"pretrain/{name}", suite=suite.name, task="pretrain", protocol=td.protocol,
+                              module=td.module, config=config, kind="pretrain", backbone_name=name, backbone=None,
+                              seed=int(seeds[0]), output_dir=str(d), data_root=data_root, resources=res.to_dict(),
+                              arch=a, cfg_options=list(pretrain_cfg_options or []), args=list(td.args)))
+        sources[name] = (PRETRAIN_PREFIX + str(d), a, [f"pretrain/{name}"])
+    for td in chosen:
+        for name, (bb, a, deps) in sources.items():
+            config = td.config_for(a)
+            _check_config(td, config, f"--suite {suite.name} (task {td.name})")
+            res = td.resources_for(a).replace(**(resources or {}))
+            for seed in seeds:
+                tid = f"{name}/{td.name}-{config}/seed{int(seed)}"
+                specs.append(TaskSpec(id=tid, suite=suite.name, task=td.name, protocol=td.protocol,
+                                      module=td.module, config=config, kind="transfer", backbone_name=name,
+                                      backbone=bb, seed=int(seed), output_dir=str(out / tid), data_root=data_root,
+                                      resources=res.to_dict(), arch=a, cfg_options=list(cfg_options or []),
+                                      args=list(td.args), depends_on=list(deps)))
+    return specs
+
+
+# --------------------------------------------------------------------------------------------------
+# submission
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Submission:
+    """What :func:`dispatch` did. ``jobs``: task id → submitit job; ``skipped``: task id → reason;
+    ``results``: task id → ``"done"`` / ``"failed: <error>"`` (local / debug, or Slurm with wait);
+    ``stage_times``: kind (pretrain / transfer / leaderboard) → seconds from its first start to its
+    last end; ``task_times``: task id → seconds from submission to end (process start-up included)."""
+
+    executor: str
+    out: Path
+    specs: list[TaskSpec]
+    jobs: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)
+    leaderboard_job: object = None
+    stage_times: dict = field(default_factory=dict)
+    task_times: dict = field(default_factory=dict)
+
+
+def _record(spec: TaskSpec, kind: str, job, folder: Path) -> None:
+    atomic_write_json({"spec": spec.to_dict(), "executor": kind, "job_id": str(job.job_id),
+                       "job_folder": str(folder), "submitted_at": time.time(),
+                       "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)},
+                      spec.dir / TASK_JSON)
+
+
+def _triage(specs: list[TaskSpec], force: bool) -> tuple[list[TaskSpec], dict]:
+    """Drop tasks already done (unless ``force``: folder moved aside) or queued / running."""
+    from .status import task_status
+    todo, skipped = [], {}
+    for s in specs:
+        st = task_status(s.dir)
+        if st.state == "done" and not force:
+            skipped[s.id] = "done (metrics.json exists; --force reruns)"
+        elif st.state in ("pending", "running") and st.job_id and st.active:
+            skipped[s.id] = f"already {st.state} as job {st.job_id}"
+        else:
+            if force and s.dir.exists() and (s.dir / METRICS_JSON).exists():
+                stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+                s.dir.rename(s.dir.with_name(f"{s.dir.name}.old-{stamp}"))
+            elif st.state in ("cancelled", "failed") and (s.dir / STATE_JSON).exists():
+                write_state(s.dir, state="pending", error=None)  # submitted again: resumes
+            todo.append(s)
+    return todo, skipped
+
+
+def _group_key(s: TaskSpec) -> tuple:
+    return (s.task, json.dumps(s.resources, sort_keys=True))
+
+
+def dispatch(specs: list[TaskSpec], out: Path, executor: str = "auto", opts: ClusterOptions | None = None,
+             force: bool = False, wait: bool | None = None, leaderboard: bool = True,
+             progress=print) -> Submission:
+    """Submit ``specs`` (from :func:`plan`) and, off Slurm, run the graph to the end.
+
+    Args:
+        executor: ``auto`` / ``slurm`` / ``local`` / ``debug``.
+        wait: on Slurm, block until every job ends (default False); local / debug always wait.
+        leaderboard: build ``leaderboard.csv`` at the end (a final Slurm job on Slurm).
+        progress: a callable receiving one-line progress messages (``None`` for silence).
+
+    Raises:
+        UserError: Slurm asked for but unreachable, or the scheduler refused a submission.
+    """
+    opts = opts or ClusterOptions()
+    kind = resolve_executor(executor)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    folder = out / "jobs"
+    say = progress or (lambda *_: None)
+    todo, skipped = _triage(specs, force)
+    sub = Submission(executor=kind, out=out, specs=specs, skipped=skipped)
+    for tid, why in skipped.items():
+        say(f"skip {tid}: {why}")
+    if kind == "slurm":
+        _dispatch_slurm(sub, todo, folder, opts, leaderboard, say)
+        _tidy(folder)
+        if wait:
+            _wait_slurm(sub, say)
+    else:
+        _run_graph(sub, todo, kind, folder, opts, say)
+        _tidy(folder)
+        if leaderboard:
+            t0 = time.time()
+            csv = run_leaderboard(str(out))
+            sub.stage_times["leaderboard"] = time.time() - t0
+            say(f"leaderboard: {csv}")
+    return sub
+
+
+def _tidy(folder: Path) -> None:
+    """Remove the empty literal ``%j`` folder submitit's executor creates next to the job folders."""
+    try:
+        (folder / "%j").rmdir()
+    except OSError:
+        pass
+
+
+def _submit_error(exc: Exception, what: str) -> UserError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+    return UserError(f"{what}: the scheduler refused the job: {first}")
+
+
+def _dispatch_slurm(sub: Submission, todo: list[TaskSpec], folder: Path, opts: ClusterOptions, leaderboard: bool,
+                    say) -> None:
+    runner = TaskRunner()
+    job_of: dict[str, str] = {}
+    for s in [s for s in todo if s.kind == "pretrain"]:
+        ex = make_executor("slurm", folder, Resources(**s.resources), opts, f"pretrain-{s.backbone_name}")
+        try:
+            job = ex.submit(runner, s.to_dict())
+        except Exception as exc:  # submitit raises on sbatch errors
+            raise _submit_error(exc, f"--pretrain {s.backbone_name}")
+        sub.jobs[s.id], job_of[s.id] = job, str(job.job_id)
+        _record(s, "slurm", job, folder)
+        say(f"submitted {s.id}: job {job.job_id} ({s.resources['nodes']} node(s))")
+    from .status import task_status
+    for s in sub.specs:  # a pretraining queued / running from an earlier submission: depend on it too
+        if s.kind == "pretrain" and s.id not in job_of:
+            st = task_status(s.dir)
+            if st.active and st.job_id:
+                job_of[s.id] = st.job_id
+    groups: dict[tuple, list[TaskSpec]] = {}
+    for s in [s for s in todo if s.kind != "pretrain"]:
+        groups.setdefault(_group_key(s), []).append(s)
+    array_ids = []
+    for (task, _), group in groups.items():
+        deps = sorted({job_of[d] for s in group for d in s.depends_on if d in job_of})
+        missing = [d for s in group for d in s.depends_on if d not in job_of
+                   and not (sub.out / d / METRICS_JSON).is_file()]
+        dep = f"afterok:{':'.join(deps)}" if deps else None
+        if missing and not deps:
+            say(f"warning: {task}: pretraining {missing[0]} is neither done nor submitted now; "
+                "its tasks will fail unless it finishes first")
+        ex = make_executor("slurm", folder, Resources(**group[0].resources), opts, task, dependency=dep)
+        try:
+            jobs = ex.map_array(runner, [s.to_dict() for s in group])
+        except Exception as exc:
+            raise _submit_error(exc, f"--suite {group[0].suite} (task {task})")
+        for s, job in zip(group, jobs):
+            sub.jobs[s.id] = job
+            _record(s, "slurm", job, folder)
+        array_ids.append(str(jobs[0].job_id).split("_")[0])
+        say(f"submitted {task}: array job {array_ids[-1]} with {len(group)} task(s)"
+            + (f", after {dep}" if dep else ""))
+    if leaderboard and (array_ids or job_of):
+        ids = array_ids or list(job_of.values())
+        ex = make_executor("slurm", folder, Resources(cpus_per_task=1, mem_gb=2, timeout_min=30), opts,
+                           "leaderboard", dependency="afterany:" + ":".join(ids))
+        sub.leaderboard_job = ex.submit(run_leaderboard, str(sub.out))
+        say(f"submitted leaderboard: job {sub.leaderboard_job.job_id} (after every array)")
+
+
+def _wait_slurm(sub: Submission, say) -> None:
+    jobs = dict(sub.jobs)
+    while jobs:
+        for tid, job in list(jobs.items()):
+            if job.done(force_check=True):
+                sub.results[tid] = _outcome(job, next((s for s in sub.specs if s.id == tid), None))
+                say(f"{tid}: {sub.results[tid]}")
+                del jobs[tid]
+        time.sleep(2)
+    if sub.leaderboard_job is not None:
+        while not sub.leaderboard_job.done(force_check=True):
+            time.sleep(2)
+        say(f"leaderboard: {_outcome(sub.leaderboard_job)} ({sub.out / 'leaderboard.csv'})")
+
+
+def _outcome(job, spec: TaskSpec | None = None) -> str:
+    """``done`` or ``failed: <first line of the task's error>`` (from its task_state.json when the
+    task recorded one, else the scheduler's message)."""
+    try:
+        job.result()
+        return "done"
+    except Exception as exc:
+        err = read_json(spec.dir / STATE_JSON).get("error") if spec is not None else None
+        if not err:
+            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+            err = lines[-1] if lines else type(exc).__name__
+        return "failed: " + err
+
+
+def _fmt_time(s: float) -> str:
+    return f"{int(s // 60):3d}:{int(s % 60):02d}"
+
+
+def _run_graph(sub: Submission, todo: list[TaskSpec], kind: str, folder: Path, opts: ClusterOptions, say) -> None:
+    """Run the tasks locally in dependency order, at most ``opts.array_parallelism`` at a time."""
+    t0 = time.time()
+    pending = list(todo)
+    running: dict[str, tuple] = {}
+    total = len(pending)
+    counts = {"done": 0, "failed": 0}
+    done_ids = {tid for tid, why in sub.skipped.items() if why.startswith("done")}
+    failed_ids: set[str] = set()
+    stage_start: dict[str, float] = {}
+    last_beat = time.time()
+    runner = TaskRunner()
+
+    def line(msg: str) -> None:
+        say(f"[{_fmt_time(time.time() - t0)}] {counts['done'] + counts['failed']}/{total} finished "
+            f"({counts['failed']} failed), {len(running)} running | {msg}")
+
+    def finish(tid: str, job, started: float) -> None:
+        spec = next(s for s in todo if s.id == tid)
+        res = _outcome(job, spec)
+        sub.results[tid] = res
+        (done_ids if res == "done" else failed_ids).add(tid)
+        counts["done" if res == "done" else "failed"] += 1
+        stage_times = sub.stage_times.setdefault(spec.kind, 0.0)
+        sub.stage_times[spec.kind] = max(stage_times, time.time() - stage_start[spec.kind])
+        sub.task_times[tid] = time.time() - started
+        line(f"{res} {tid} in {time.time() - started:.1f} s")
+
+    while pending or running:
+        for s in list(pending):
+            if len(running) >= max(1, opts.array_parallelism):
+                break
+            bad = [d for d in s.depends_on if d in failed_ids]
+            if bad:
+                pending.remove(s)
+                s.dir.mkdir(parents=True, exist_ok=True)
+                write_state(s.dir, state="failed", error=f"dependency {bad[0]} failed", ended_at=time.time())
+                sub.results[s.id] = f"failed: dependency {bad[0]} failed"
+                failed_ids.add(s.id)
+                counts["failed"] += 1
+                line(f"skipped {s.id}: dependency {bad[0]} failed")
+                continue
+            if any(d not in done_ids and not (sub.out / d / METRICS_JSON).is_file() for d in s.depends_on):
+                continue
+            pending.remove(s)
+            if read_json(s.dir / STATE_JSON).get("state") == "cancelled":  # by slurm.cancel meanwhile
+                sub.results[s.id] = "failed: cancelled"
+                failed_ids.add(s.id)
+                counts["failed"] += 1
+                line(f"cancelled {s.id}")
+                continue
+            stage_start.setdefault(s.kind, time.time())
+            ex = make_executor(kind, folder, Resources(**s.resources), opts, s.task)
+            job = ex.submit(runner, s.to_dict())
+            sub.jobs[s.id] = job
+            _record(s, kind, job, folder)
+            line(f"started {s.id}")
+            if kind == "debug":
+                finish(s.id, job, time.time())
+            else:
+                running[s.id] = (job, time.time())
+        for tid, (job, started) in list(running.items()):
+            if job.done():
+                del running[tid]
+                finish(tid, job, started)
+        if running and time.time() - last_beat > 30:
+            last_beat = time.time()
+            line("running: " + ", ".join(f"{tid} ({time.time() - st:.0f} s)" for tid, (_, st) in running.items()))
+        if running:
+            time.sleep(0.5)
+        elif pending and not any(all(d in done_ids or d in failed_ids or (sub.out / d / METRICS_JSON).is_file()
+                                     for d in s.depends_on) for s in pending):
+            for s in pending:  # dependencies that are neither here nor done: cannot run
+                sub.results[s.id] = f"failed: dependency {s.depends_on[0]} not available"
+                write_state(s.dir, state="failed", error=sub.results[s.id][8:], ended_at=time.time())
+                counts["failed"] += 1
+            pending.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m slurm.submit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", required=True, help="smoke | paper | selftest")
+    p.add_argument("--backbone", action="append", metavar="NAME=CKPT", help="a pretrained checkpoint (repeatable)")
+    p.add_argument("--pretrain", action="append", metavar="[NAME=]CONFIG",
+                   help="pretrain first with this config (preset of configs/pretrain or a path; repeatable)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--output-dir", required=True, help="results, job logs and the leaderboard go here")
+    p.add_argument("--data-root", default=None, help="datasets root (default $CROSSMAE_DATA_ROOT or ../shared/data)")
+    p.add_argument("--tasks", nargs="+", default=None, help="only these tasks of the suite")
+    p.add_argument("--arch", default=None, help="backbone architecture (default: from the checkpoint's args)")
+    p.add_argument("--cfg-options", nargs="+", default=None, help="key=value overrides for every transfer task")
+    p.add_argument("--pretrain-cfg-options", nargs="+", default=None, help="key=value overrides for pretraining")
+    p.add_argument("--resources", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="override the suite's transfer resources (nodes, gpus_per_node, tasks_per_node, "
+                        "cpus_per_task, mem_gb, timeout_min)")
+    p.add_argument("--pretrain-resources", nargs="+", default=None, metavar="KEY=VALUE")
+    p.add_argument("--executor", default="auto", choices=EXECUTORS,
+                   help="slurm | local | debug; auto = slurm when `scontrol ping` answers, else local")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--constraint", default=None, help="Slurm --constraint, e.g. a100")
+    p.add_argument("--array-parallelism", type=int, default=None,
+                   help="max concurrent tasks per array (default: 256 on Slurm, 2 locally)")
+    p.add_argument("--job-name", default="crossmae")
+    p.add_argument("--max-num-timeout", type=int, default=3, help="time-outs allowed before giving up a task")
+    p.add_argument("--exclusive", action="store_true", help="request whole nodes")
+    p.add_argument("--force", action="store_true", help="rerun tasks whose metrics exist (old folder kept)")
+    p.add_argument("--wait", action="store_true", help="on Slurm, wait for every job and print outcomes")
+    p.add_argument("--no-leaderboard", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="print the task list and resources, submit nothing")
+    return p
+
+
+def specs_from_args(args, suite: Suite) -> list[TaskSpec]:
+    """:func:`plan` from parsed command-line arguments."""
+    needs_data = suite.name != "selftest"
+    data_root = str(resolve_data_root(args.data_root).resolve()) if needs_data else args.data_root
+    return plan(suite, Path(args.output_dir), backbones=parse_named(args.backbone, "--backbone"),
+                pretrains=parse_named(args.pretrain, "--pretrain", default_name=lambda v: Path(v).stem),
+                seeds=args.seeds, data_root=data_root, tasks=args.tasks, arch=args.arch,
+                cfg_options=args.cfg_options, pretrain_cfg_options=args.pretrain_cfg_options,
+                resources=parse_kv(args.resources, "--resources"),
+                pretrain_resources=parse_kv(args.pretrain_resources, "--pretrain-resources"))
+
+
+def options_from_args(args, kind: str) -> ClusterOptions:
+    par = args.array_parallelism or (256 if kind == "slurm" else 2)
+    if par < 1:
+        raise UserError(f"--array-parallelism {par}: must be >= 1")
+    return ClusterOptions(partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
+                          array_parallelism=par, job_name=args.job_name, max_num_timeout=args.max_num_timeout,
+                          exclusive=args.exclusive)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    """Plan, then submit (or print with ``--dry-run``). Returns ``{"executor", "jobs": {id: job id},
+    "skipped", "results"}``."""
+    args = build_parser().parse_args(argv)
+    suite = get_suite(args.suite)
+    specs = specs_from_args(args, suite)
+    if args.dry_run:
+        for s in specs:
+            r = s.resources
+            print(f"{s.id:48s} {s.module:20s} --config {s.config:14s} nodes={r['nodes']} gpus/node={r['gpus_per_node']} "
+                  f"tasks/node={r['tasks_per_node']} cpus/task={r['cpus_per_task']} mem={r['mem_gb']}GB "
+                  f"time={r['timeout_min']}min" + (f" after {','.join(s.depends_on)}" if s.depends_on else ""))
+        return {"executor": None, "jobs": {}, "skipped": {}, "results": {}, "specs": [s.to_dict() for s in specs]}
+    kind = resolve_executor(args.executor)
+    sub = dispatch(specs, Path(args.output_dir), kind, options_from_args(args, kind), force=args.force,
+                   wait=args.wait, leaderboard=not args.no_leaderboard)
+    if kind == "slurm" and not args.wait:
+        print(f"follow with: python -m slurm.status {sub.out}")
+    failed = [t for t, r in sub.results.items() if r != "done"]
+    if failed:
+        print(f"{len(failed)} task(s) failed; see python -m slurm.status {sub.out}", file=sys.stderr)
+    return {"executor": kind, "jobs": {t: str(j.job_id) for t, j in sub.jobs.items()}, "skipped": sub.skipped,
+            "results": sub.results}
+
+
+if __name__ == "__main__":
+    res = main()
+    sys.exit(1 if any(r != "done" for r in res.get("results", {}).values()) else 0)

@@ -1,0 +1,240 @@
+"""Tasks as data (:class:`TaskSpec`) and the requeue-safe callable that runs one (:class:`TaskRunner`).
+
+A task is one ``python -m <module>`` run of the task protocol (``docs/CONTRACTS.md``) in its own
+output folder. Files in that folder besides the task's own (``metrics.json``, checkpoints, log):
+
+``task.json``        the spec and where it was submitted (executor, job id, job folder); written by
+                     ``slurm.submit`` before and after submission.
+``task_state.json``  written by the running task (rank 0): ``state`` (running / requeued / failed /
+                     cancelled), ``attempts``, ``job_id``, ``host``, ``pid``, ``log`` (the submitit
+                     stderr file), ``error`` (first line) and ``traceback`` when it failed, and
+                     ``backbone_meta`` (pretraining metadata read from the backbone checkpoint's
+                     ``args`` at task time, for the leaderboard).
+
+Requeue: submitit calls :meth:`TaskRunner.checkpoint` on preemption / time-out; it returns the same
+runner and spec, the job is requeued and the module resumes from its own ``checkpoint-latest.pth``.
+A task whose ``metrics.json`` exists returns it without running.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import submitit
+
+from crossmae.utils import UserError, atomic_write_json
+
+TASK_JSON = "task.json"
+STATE_JSON = "task_state.json"
+METRICS_JSON = "metrics.json"
+PRETRAIN_PREFIX = "pretrain:"
+
+
+@dataclass
+class TaskSpec:
+    """Everything needed to run one task; JSON-serialisable.
+
+    Attributes:
+        id: unique in an output root: ``<backbone>/<task>-<config>/seed<k>`` or ``pretrain/<name>``.
+        suite, task, protocol, module, config: from the suite's :class:`~benchmarks.suites.TaskDef`.
+        kind: ``"transfer"`` or ``"pretrain"``.
+        backbone_name: the backbone's name (``NAME`` of ``--backbone NAME=CKPT`` / ``--pretrain``).
+        backbone: the checkpoint path, or ``pretrain:<dir>`` (resolved when the task starts, after
+            the pretraining job has finished), or None for pretraining.
+        seed: the task's seed. output_dir: absolute folder. data_root: absolute data root or None.
+        resources: :class:`~benchmarks.suites.Resources` as a dict. arch: backbone architecture.
+        cfg_options: ``key=value`` overrides passed as ``--cfg-options``. args: extra arguments.
+        depends_on: ids of tasks that must finish first (the pretraining of this backbone).
+    """
+
+    id: str
+    suite: str
+    task: str
+    protocol: str
+    module: str
+    config: str
+    kind: str
+    backbone_name: str
+    backbone: str | None
+    seed: int
+    output_dir: str
+    data_root: str | None
+    resources: dict
+    arch: str = ""
+    cfg_options: list = field(default_factory=list)
+    args: list = field(default_factory=list)
+    depends_on: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.output_dir)
+
+    def argv(self) -> list[str]:
+        """The module's command line (backbone resolved): ``--config … --output-dir … --seed …``."""
+        argv = ["--config", self.config, "--output-dir", self.output_dir, "--seed", str(self.seed)]
+        if self.backbone is not None:
+            argv += ["--backbone", str(resolve_backbone(self.backbone))]
+        if self.data_root:
+            argv += ["--data-root", self.data_root]
+        if self.cfg_options:
+            argv += ["--cfg-options", *self.cfg_options]
+        return argv + list(self.args)
+
+
+def resolve_backbone(backbone: str) -> Path:
+    """A checkpoint path; ``pretrain:<dir>`` becomes the finished pretraining's checkpoint.
+
+    For a pretraining folder: ``metrics.json``'s ``checkpoint`` entry when present, else
+    ``checkpoint-final.pth``, else ``checkpoint-latest.pth``.
+
+    Raises:
+        UserError: the pretraining has no metrics (not finished) or no checkpoint file.
+    """
+    if not backbone.startswith(PRETRAIN_PREFIX):
+        return Path(backbone)
+    d = Path(backbone[len(PRETRAIN_PREFIX):])
+    m = d / METRICS_JSON
+    if not m.is_file():
+        raise UserError(f"{m}: pretraining not finished (no metrics.json), cannot run its transfer tasks")
+    ck = read_json(m).get("checkpoint")
+    for cand in ([Path(ck)] if ck else []) + [d / "checkpoint-final.pth", d / "checkpoint-latest.pth"]:
+        if not cand.is_absolute():
+            cand = d / cand
+        if cand.is_file():
+            return cand
+    raise UserError(f"{d}: finished pretraining has no checkpoint file")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON file as a dict; ``{}`` when absent. Raises UserError when unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})")
+
+
+def write_state(spec_dir: Path, **fields) -> dict:
+    """Merge ``fields`` into ``task_state.json`` (atomic) and return the new state."""
+    state = read_json(spec_dir / STATE_JSON)
+    state.update(fields, updated_at=time.time())
+    atomic_write_json(state, spec_dir / STATE_JSON)
+    return state
+
+
+def _job_env() -> tuple[str | None, str | None, int, int]:
+    """(job id, stderr log path, global rank, number of tasks) of the current submitit job."""
+    try:
+        env = submitit.JobEnvironment()
+        return str(env.job_id), str(env.paths.stderr), int(env.global_rank), int(env.num_tasks)
+    except Exception:  # not inside a submitit job (debug executor or direct call)
+        return None, None, 0, 1
+
+
+class TaskRunner(submitit.helpers.Checkpointable):
+    """The callable submitted for every task: ``TaskRunner()(spec_dict) -> metrics dict``.
+
+    Sets the torch thread count to ``cpus_per_task``, exports the DDP environment
+    (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``) when the job has more
+    than one process, imports ``spec.module`` and calls its (unwrapped) ``main(argv)``.
+
+    Raises:
+        whatever the task raised (after recording it in ``task_state.json``), so the scheduler
+        marks the job failed; a failed task has no ``metrics.json``.
+    """
+
+    def __init__(self) -> None:
+        self._requeued = False
+
+    def __call__(self, spec: dict) -> dict:
+        s = TaskSpec.from_dict(spec)
+        out = s.dir
+        out.mkdir(parents=True, exist_ok=True)
+        job_id, log, rank, ntasks = _job_env()
+        if (out / METRICS_JSON).is_file():
+            return read_json(out / METRICS_JSON)
+        prev = read_json(out / STATE_JSON) if rank == 0 else {}
+        if rank == 0:
+            write_state(out, state="running", attempts=int(prev.get("attempts", 0)) + 1, job_id=job_id,
+                        log=log, host=socket.gethostname(), pid=os.getpid(), ppid=os.getppid(),
+                        started_at=time.time(), error=None, traceback=None)
+        try:
+            if ntasks > 1:
+                submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            import torch
+            torch.set_num_threads(max(1, int(s.resources.get("cpus_per_task", 1))))
+            argv = s.argv()
+            if rank == 0 and s.backbone is not None and "backbone_meta" not in prev:
+                write_state(out, backbone_meta=backbone_meta(argv[argv.index("--backbone") + 1]))
+            mod = importlib.import_module(s.module)
+            main = getattr(mod.main, "__wrapped__", mod.main)  # let UserError through (no sys.exit)
+            metrics = main(argv)
+        except BaseException as exc:
+            if rank == 0 and read_json(out / STATE_JSON).get("state") == "cancelled":
+                raise  # slurm.cancel stopped it: keep that state
+            if rank == 0:
+                if self._requeued and isinstance(exc, SystemExit):
+                    write_state(out, state="requeued", requeued_at=time.time())
+                else:
+                    write_state(out, state="failed", ended_at=time.time(), error=error_line(exc),
+                                traceback="".join(traceback.format_exception(exc))[-4000:])
+            raise
+        if rank == 0:
+            write_state(out, state="done", ended_at=time.time())
+            if not (out / METRICS_JSON).is_file():
+                write_state(out, state="failed", error=f"{s.module}.main returned without writing metrics.json")
+                raise RuntimeError(f"{s.module}.main returned without writing {out / METRICS_JSON}")
+        return metrics if isinstance(metrics, dict) else read_json(out / METRICS_JSON)
+
+    def checkpoint(self, spec: dict) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on preemption / time-out: requeue the same task; it resumes from its
+        own ``checkpoint-latest.pth`` (the module checkpoints as it goes)."""
+        self._requeued = True
+        try:
+            write_state(Path(spec["output_dir"]), state="requeued", requeued_at=time.time())
+        except OSError:
+            pass
+        return submitit.helpers.DelayedSubmission(TaskRunner(), spec)
+
+
+def error_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (one line)."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: exit status {exc.code} (bad arguments? see the log)"
+    msg = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {msg[0] if msg else ''}".rstrip(": ")
+
+
+def backbone_meta(path: str | os.PathLike) -> dict:
+    """Pretraining metadata of a checkpoint (see :func:`benchmarks.leaderboard.pretrain_meta`);
+    ``{"error": ...}`` when it cannot be read (the task itself reports a bad checkpoint)."""
+    from benchmarks.leaderboard import pretrain_meta
+    try:
+        return pretrain_meta(path)
+    except UserError as exc:
+        return {"error": str(exc)}
+
+
+def run_leaderboard(root: str) -> str:
+    """Job body of the final leaderboard job (Slurm ``afterany`` on every transfer array)."""
+    from benchmarks.leaderboard import build
+    paths = build(Path(root), Path(root) / "leaderboard.csv")
+    return str(paths["csv"])
+

@@ -1,0 +1,165 @@
+"""Dispatch without a cluster: the in-process ``debug`` and submitit ``local`` executors running the
+protocol task ``slurm.selftest`` (checkpoints every step, resumes, writes metrics.json)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.suites import get_suite
+from slurm import selftest
+from slurm.cancel import main as cancel_main
+from slurm.executor import ClusterOptions
+from slurm.status import collect, main as status_main
+from slurm.submit import dispatch, plan
+
+SUITE = get_suite("selftest")
+
+
+@pytest.fixture
+def no_pdb(monkeypatch):
+    """submitit's debug executor opens pdb on a failing task; tests have no terminal."""
+    import pdb
+    monkeypatch.setattr(pdb, "post_mortem", lambda *a, **k: None)
+
+
+def _plan(out, **kw):
+    kw.setdefault("pretrains", {"mae": "mae", "crossmae": "crossmae"})
+    kw.setdefault("cfg_options", ["steps=6"])
+    kw.setdefault("pretrain_cfg_options", ["steps=3"])
+    return plan(SUITE, out, **kw)
+
+
+def test_debug_graph_runs_pretrain_then_transfer_then_leaderboard(tmp_path):
+    out = tmp_path / "run"
+    sub = dispatch(_plan(out, seeds=[0, 1]), out, "debug", progress=None)
+    assert sub.executor == "debug"
+    assert set(sub.results.values()) == {"done"} and len(sub.results) == 2 + 2 * 2
+    for tid in sub.results:
+        assert (out / tid / "metrics.json").is_file()
+        assert json.loads((out / tid / "task.json").read_text())["spec"]["id"] == tid
+    st = json.loads((out / "crossmae/selftest-default/seed1/task_state.json").read_text())
+    assert st["state"] == "done" and st["backbone_meta"]["method"] == "crossmae"
+    assert st["backbone_meta"]["prediction_ratio"] == 0.25
+    assert {r.state for r in collect(out)} == {"done"}
+    lines = (out / "leaderboard.csv").read_text().splitlines()
+    assert len(lines) == 1 + 2 * 2  # 2 backbones x 2 metrics (mse, w_err)
+    paired = (out / "leaderboard_paired.csv").read_text().splitlines()
+    assert len(paired) == 1 + 2 and ",mae,crossmae,2,0 1," in paired[1]
+    assert (out / "leaderboard.png").stat().st_size > 1000
+
+
+def test_done_tasks_are_skipped_and_force_keeps_the_old_folder(tmp_path):
+    out = tmp_path / "run"
+    specs = _plan(out, pretrains=None, backbones={"b": __file__})
+    dispatch(specs, out, "debug", leaderboard=False, progress=None)
+    first = (out / "b/selftest-default/seed0/metrics.json").read_text()
+    again = dispatch(_plan(out, pretrains=None, backbones={"b": __file__}), out, "debug", leaderboard=False,
+                     progress=None)
+    assert not again.jobs and list(again.skipped.values())[0].startswith("done")
+    forced = dispatch(_plan(out, pretrains=None, backbones={"b": __file__}), out, "debug", force=True,
+                      leaderboard=False, progress=None)
+    assert list(forced.results.values()) == ["done"]
+    old = list((out / "b").glob("selftest-default/seed0.old-*"))
+    assert len(old) == 1 and (old[0] / "metrics.json").read_text() == first
+    # same seed, same data: the rerun reproduces the metrics
+    assert json.loads((out / "b/selftest-default/seed0/metrics.json").read_text())["metrics"] == \
+        json.loads(first)["metrics"]
+
+
+def test_failed_pretraining_fails_its_transfers_without_metrics(tmp_path, no_pdb, capsys):
+    out = tmp_path / "run"
+    specs = _plan(out, pretrains={"mae": "mae"}, pretrain_cfg_options=["steps=3", "fail_at_step=1"])
+    sub = dispatch(specs, out, "debug", leaderboard=False, progress=None)
+    assert sub.results["pretrain/mae"].startswith("failed")
+    assert sub.results["mae/selftest-default/seed0"] == "failed: dependency pretrain/mae failed"
+    rows = {r.id: r for r in collect(out)}
+    assert rows["pretrain/mae"].state == "failed"
+    assert rows["pretrain/mae"].error == "RuntimeError: selftest: injected failure at step 1"
+    assert rows["mae/selftest-default/seed0"].state == "failed"
+    assert not list(out.rglob("metrics.json"))
+    capsys.readouterr()
+    status_main([str(out)])
+    table = capsys.readouterr().out
+    assert "RuntimeError: selftest: injected failure at step 1" in table and "2 failed" in table
+
+
+def test_failed_task_resubmitted_resumes_to_the_uninterrupted_metrics(tmp_path, no_pdb):
+    ref = tmp_path / "ref"
+    dispatch(plan(SUITE, ref, backbones={"b": __file__}, cfg_options=["steps=12"]), ref, "debug",
+             leaderboard=False, progress=None)
+    out = tmp_path / "run"
+    sub = dispatch(plan(SUITE, out, backbones={"b": __file__}, cfg_options=["steps=12", "fail_at_step=7"]),
+                   out, "debug", leaderboard=False, progress=None)
+    d = out / "b/selftest-default/seed0"
+    assert list(sub.results.values())[0].startswith("failed") and not (d / "metrics.json").exists()
+    sub = dispatch(plan(SUITE, out, backbones={"b": __file__}, cfg_options=["steps=12"]), out, "debug",
+                   leaderboard=False, progress=None)
+    assert list(sub.results.values()) == ["done"]
+    assert "start_step=7" in (d / "log.txt").read_text()  # resumed, not restarted
+    got = json.loads((d / "metrics.json").read_text())["metrics"]
+    assert got == json.loads((ref / "b/selftest-default/seed0/metrics.json").read_text())["metrics"]
+    assert json.loads((d / "task_state.json").read_text())["attempts"] == 2
+
+
+def test_cancel_marks_unstarted_tasks_and_never_touches_finished_ones(tmp_path, capsys):
+    out = tmp_path / "run"
+    dispatch(plan(SUITE, out, backbones={"b": __file__}, cfg_options=["steps=2"]), out, "debug", leaderboard=False,
+             progress=None)
+    waiting = out / "c/selftest-default/seed0"
+    waiting.mkdir(parents=True)
+    (waiting / "task_state.json").write_text(json.dumps({"state": "requeued"}))
+    (waiting / "task.json").write_text(json.dumps({"spec": {"id": "c/selftest-default/seed0"}, "executor": "local"}))
+    ids = cancel_main([str(out)])
+    assert ids == ["c/selftest-default/seed0"]
+    rows = {r.id: r.state for r in collect(out)}
+    assert rows == {"b/selftest-default/seed0": "done", "c/selftest-default/seed0": "cancelled"}
+
+
+def test_selftest_rejects_unknown_option(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        selftest.main(["--output-dir", str(tmp_path), "--cfg-options", "nope=1"])
+    assert capsys.readouterr().err.strip() == "error: --cfg-options nope: unknown key (known: batch, dim, " \
+                                              "fail_at_step, lr, step_seconds, steps)"
+
+
+def test_local_executor_processes_failure_log_and_cancel(tmp_path):
+    """Two submitit local processes at once: one fails (error + log kept, no metrics), one is
+    cancelled while running by ``slurm.cancel`` (SIGINT to its controller)."""
+    import threading
+    import time
+    out = tmp_path / "run"
+    specs = plan(SUITE, out, backbones={"long": __file__, "bad": __file__}, cfg_options=["steps=400", "step_seconds=0.25"])
+    long, bad = specs
+    bad.cfg_options = ["steps=3", "fail_at_step=2"]
+    box = {}
+    th = threading.Thread(target=lambda: box.update(sub=dispatch(specs, out, "local", ClusterOptions(array_parallelism=2),
+                                                                  leaderboard=False, progress=None)))
+    th.start()
+    end = time.monotonic() + 120
+    while time.monotonic() < end and not ((long.dir / "checkpoint-latest.pth").exists()
+                                          and {r.id: r.state for r in collect(out)}.get(bad.id) == "failed"):
+        time.sleep(0.2)
+    rows = {r.id: r for r in collect(out)}
+    assert rows[long.id].state == "running"
+    assert rows[bad.id].state == "failed" and rows[bad.id].error == "RuntimeError: selftest: injected failure at step 2"
+    assert Path(rows[bad.id].log).is_file() and "injected failure" in Path(rows[bad.id].log).read_text()
+    assert Path(rows[bad.id].log).is_relative_to(out / "jobs")  # job folder under the output directory
+    assert cancel_main([str(out)]) == [long.id]
+    th.join(120)
+    assert not th.is_alive()
+    assert box["sub"].results[bad.id].startswith("failed: RuntimeError")
+    assert box["sub"].results[long.id].startswith("failed")
+    assert {r.id: r.state for r in collect(out)} == {long.id: "cancelled", bad.id: "failed"}
+    assert not list(out.rglob("metrics.json"))
+
+
+def test_a_cancelled_task_submitted_again_runs(tmp_path):
+    out = tmp_path / "run"
+    specs = plan(SUITE, out, backbones={"b": __file__}, cfg_options=["steps=4"])
+    specs[0].dir.mkdir(parents=True)
+    (specs[0].dir / "task_state.json").write_text(json.dumps({"state": "cancelled"}))
+    # a cancelled task is resubmitted by a new dispatch (its state is reset, it runs)
+    sub = dispatch(specs, out, "debug", leaderboard=False, progress=None)
+    assert sub.results == {specs[0].id: "done"} and (specs[0].dir / "metrics.json").is_file()

@@ -1,0 +1,142 @@
+"""Suites as data, and their expansion into tasks × backbones × seeds (no cluster needed)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.suites import Resources, get_suite
+from crossmae.utils import REPO_ROOT, UserError
+from slurm.submit import main as submit_main, plan
+
+TRANSFER_MODULES = {"transfer.finetune", "transfer.linprobe", "transfer.inat", "transfer.places", "transfer.coco",
+                    "transfer.ade20k"}
+
+
+def _ckpt(path: Path, model: str, **args) -> Path:
+    ns = argparse.Namespace(model=model, epochs=800, mask_ratio=0.75, decoder_depth=12, **args)
+    torch.save({"model": {"w": torch.zeros(1)}, "args": ns}, path)
+    return path
+
+
+def test_smoke_and_paper_cover_every_transfer_module():
+    for name in ("smoke", "paper"):
+        s = get_suite(name)
+        assert {t.module for t in s.tasks} == TRANSFER_MODULES, name
+        assert len({t.name for t in s.tasks}) == len(s.tasks)
+        assert s.pretrain is not None and s.pretrain.module == "crossmae.pretrain"
+
+
+def test_paper_targets_a100_nodes_and_smoke_fits_two_cores():
+    paper, smoke = get_suite("paper"), get_suite("smoke")
+    for t in paper.tasks:
+        for arch in ("vit_base_patch16", "vit_large_patch16"):
+            r = t.resources_for(arch)
+            assert r.gpu_type.startswith("A100") and r.gpus_per_node == 8 and r.tasks_per_node == 8
+            assert r.cpus_per_task >= 1 and r.mem_gb > 0 and r.timeout_min > 0
+    for t in smoke.tasks:
+        r = t.resources_for("vit_tiny_patch16")
+        assert r.gpus_per_node == 0 and r.cpus_per_task == 1 and r.nodes == 1
+
+
+@pytest.mark.parametrize("suite", ["smoke", "paper"])
+def test_every_preset_of_a_suite_exists(suite):
+    s = get_suite(suite)
+    archs = ["vit_tiny_patch16"] if suite == "smoke" else ["vit_base_patch16", "vit_large_patch16"]
+    missing = []
+    for t in s.tasks:
+        if importlib.util.find_spec(t.module) is None:
+            pytest.skip(f"{t.module} not written yet")
+        for a in archs:
+            if not (REPO_ROOT / "configs" / t.config_dir / f"{t.config_for(a)}.py").is_file():
+                missing.append(f"configs/{t.config_dir}/{t.config_for(a)}.py")
+    for preset in s.extra.get("pretrain_presets", {}).values():
+        if not (REPO_ROOT / "configs" / "pretrain" / f"{preset}.py").is_file():
+            missing.append(f"configs/pretrain/{preset}.py")
+    assert not missing
+
+
+def test_plan_expands_tasks_backbones_seeds(tmp_path):
+    a = _ckpt(tmp_path / "a.pth", "mae_vit_base_patch16")
+    b = _ckpt(tmp_path / "b.pth", "crossmae_vit_base_patch16", kept_mask_ratio=0.25)
+    specs = plan(get_suite("paper"), tmp_path / "out", backbones={"mae": str(a), "cmae": str(b)}, seeds=[0, 1, 2],
+                 data_root="/data")
+    assert len(specs) == len(get_suite("paper").tasks) * 2 * 3
+    ids = {s.id for s in specs}
+    assert len(ids) == len(specs)
+    s = next(s for s in specs if s.id == "cmae/coco-paper_vit_base/seed2")
+    assert s.arch == "vit_base_patch16"  # read from the checkpoint's args.model
+    assert s.resources["nodes"] == 4 and s.resources["gpus_per_node"] == 8
+    argv = s.argv()
+    assert argv[argv.index("--backbone") + 1] == str(b.resolve())
+    assert argv[argv.index("--seed") + 1] == "2" and argv[argv.index("--data-root") + 1] == "/data"
+    assert Path(argv[argv.index("--output-dir") + 1]) == (tmp_path / "out" / s.id).resolve()
+
+
+def test_plan_large_arch_and_resource_override(tmp_path):
+    ck = _ckpt(tmp_path / "l.pth", "mae_vit_large_patch16")
+    specs = plan(get_suite("paper"), tmp_path, backbones={"l": str(ck)}, tasks=["finetune"],
+                 resources={"timeout_min": "90", "nodes": "1"})
+    assert [s.config for s in specs] == ["paper_vit_large"]
+    assert specs[0].resources["timeout_min"] == 90 and specs[0].resources["nodes"] == 1
+
+
+def test_plan_with_pretraining_depends_on_it(tmp_path):
+    specs = plan(get_suite("smoke"), tmp_path, pretrains={"mae": "smoke_mae", "crossmae": "smoke_crossmae"})
+    pre = [s for s in specs if s.kind == "pretrain"]
+    assert [s.id for s in pre] == ["pretrain/mae", "pretrain/crossmae"]
+    tr = [s for s in specs if s.kind == "transfer"]
+    assert len(tr) == 2 * len(get_suite("smoke").tasks)
+    assert all(s.depends_on == [f"pretrain/{s.backbone_name}"] for s in tr)
+    assert all(s.backbone.startswith("pretrain:") for s in tr)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(), "at least one backbone"),
+    (dict(backbones={"x": "/nonexistent.pth"}), "checkpoint not found"),
+    (dict(backbones={"x": __file__}, seeds=[1, 1]), "distinct seeds"),
+    (dict(backbones={"x": __file__}, tasks=["nope"]), "not a task of suite"),
+    (dict(pretrains={"m": "no_such_preset"}), "no preset configs/pretrain/no_such_preset.py"),
+    (dict(backbones={"x": __file__}, resources={"gpus": "2"}), "unknown resource"),
+])
+def test_plan_rejects_bad_input(tmp_path, kw, msg):
+    with pytest.raises(UserError, match=msg):
+        plan(get_suite("smoke"), tmp_path, **kw)
+
+
+def test_unknown_suite_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        submit_main(["--suite", "nope", "--backbone", f"a={__file__}", "--output-dir", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --suite nope: unknown suite") and "\n" not in err
+    assert not (tmp_path / "o").exists()  # nothing written on bad input
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
+    ck = _ckpt(tmp_path / "b.pth", "mae_vit_base_patch16")
+    res = submit_main(["--suite", "paper", "--backbone", f"mae={ck}", "--output-dir", str(tmp_path / "o"),
+                       "--data-root", str(tmp_path), "--dry-run", "--tasks", "coco", "ade20k"])
+    out = capsys.readouterr().out
+    assert "mae/coco-paper_vit_base/seed0" in out and "nodes=4 gpus/node=8" in out
+    assert len(res["specs"]) == 2 and not (tmp_path / "o").exists()
+
+
+def test_resources_replace_types():
+    r = Resources().replace(mem_gb="2.5", nodes="3")
+    assert r.mem_gb == 2.5 and r.nodes == 3
+    with pytest.raises(UserError, match="expected int"):
+        Resources().replace(nodes="two")
+
+
+def test_main_job_refuses_a_missing_data_root(tmp_path, capsys):
+    from benchmarks.main_job import main as main_job
+    with pytest.raises(SystemExit) as e:
+        main_job(["--data-root", str(tmp_path / "nodata"), "--output-dir", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nodata'}: data root does not exist " \
+                                              "(set --data-root or $CROSSMAE_DATA_ROOT)"
+    assert not (tmp_path / "o").exists()
