@@ -287,7 +287,7 @@ def plot(rows: list[dict], path: Path) -> Path:
         meth = next((r["method"] for r in shown if r["backbone"] == b), "")
         ax.bar(xs, ys, width, yerr=es, capsize=3, label=f"{b} ({meth})")
     ax.set_xticks([j + (len(backbones) - 1) * width / 2 for j in range(len(cells))])
-    ax.set_xticklabels([f"{t}\n{p}\n{m}" for t, p, m in cells], fontsize=7)
+    ax.set_xticklabels([f"{t} · {m}\n{p}" for t, p, m in cells], fontsize=7, rotation=25, ha="right")
     ax.set_ylabel("metric value")
     ax.set_title("MAE vs CrossMAE per task (mean ± s.e. over seeds)")
     if backbones:
