@@ -63,6 +63,8 @@ class LoadReport:
             when the task pools with ``fc_norm``, the cls token for ViTDet …).
         pos_embed_resized: ``(old_grid, new_grid)`` (each (h, w)) when the position embedding was
             bicubically interpolated, else None.
+        patch_embed_resized: ``(old_patch, new_patch)`` when the patch-embedding kernel was resampled
+            to another patch size (ViTDet-H's p14→p16), else None.
         meta: pretraining facts read from the checkpoint's ``args`` (method, mask ratio, prediction
             ratio, decoder depth, epochs …) where present.
     """
@@ -76,6 +78,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     pos_embed_resized: tuple | None = None
+    patch_embed_resized: tuple | None = None
     target: str = ""
     meta: dict = field(default_factory=dict)
 
@@ -92,6 +95,9 @@ class LoadReport:
         if self.pos_embed_resized:
             (a, b), (c, d) = self.pos_embed_resized
             lines.append(f"  pos_embed resized (bicubic) from a {a}x{b} to a {c}x{d} grid")
+        if self.patch_embed_resized:
+            lines.append(f"  patch_embed resampled from {self.patch_embed_resized[0]}px to "
+                         f"{self.patch_embed_resized[1]}px patches (timm resample_patch_embed)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -250,7 +256,8 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_pre
 
 
 def load_encoder_state_dict(path: str | Path, *, arch: str | None = None, img_size: int | tuple[int, int] | None = None,
-                            keep_cls_token: bool = True) -> tuple[dict[str, torch.Tensor], LoadReport]:
+                            keep_cls_token: bool = True, patch_size: int | None = None
+                            ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Read the ENCODER of any known checkpoint, under timm names.
 
     Args:
@@ -258,6 +265,9 @@ def load_encoder_state_dict(path: str | Path, *, arch: str | None = None, img_si
         arch: expected architecture (``vit_base_patch16`` …); None infers it from the tensors.
         img_size: target input size in pixels (int or (H, W)); ``pos_embed`` is resized to its grid.
         keep_cls_token: False drops ``cls_token`` and the cls row of ``pos_embed`` (ViTDet).
+        patch_size: target patch size when it differs from the checkpoint's: the patch-embedding
+            kernel is resampled with timm's ``resample_patch_embed`` (FlexiViT pseudo-inverse resize)
+            and ``img_size`` is divided by the new size (detectron2 ViTDet-H runs MAE ViT-H/14 at p16).
 
     Returns:
         ``(state_dict, report)``; state_dict holds ``cls_token`` (1,1,D), ``pos_embed`` (1,1+N,D)
@@ -302,7 +312,12 @@ def load_encoder_state_dict(path: str | Path, *, arch: str | None = None, img_si
     old = int(round(n_patch ** 0.5))
     if old * old != n_patch:
         raise BackboneLoadError(f"{path}: pos_embed has {n_patch} patch rows, not a square grid")
-    resized = None
+    resized = patch_resized = None
+    if patch_size is not None and patch_size != patch:
+        from timm.layers import resample_patch_embed
+        w = enc["patch_embed.proj.weight"]
+        enc["patch_embed.proj.weight"] = resample_patch_embed(w.float(), [patch_size, patch_size]).to(w.dtype)
+        patch_resized, patch = (patch, patch_size), patch_size
     if img_size is not None:
         hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if hw[0] % patch or hw[1] % patch:
@@ -317,7 +332,8 @@ def load_encoder_state_dict(path: str | Path, *, arch: str | None = None, img_si
         ignored += ["cls_token", "pos_embed[cls row]"]
     report = LoadReport(path=str(path), sha256=sha256_file(path) if path.is_file() else "", format=fmt, arch=arch,
                         has_final_norm="norm.weight" in enc, loaded=sorted(enc), ignored=ignored,
-                        pos_embed_resized=resized, meta=_args_meta(args, container, fmt))
+                        pos_embed_resized=resized, patch_embed_resized=patch_resized,
+                        meta=_args_meta(args, container, fmt))
     return enc, report
 
 

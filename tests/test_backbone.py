@@ -171,3 +171,15 @@ def test_cli_inspect_and_bad_input_exit_code(tmp_path, tiny_crossmae_official):
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip() == f"error: {bad}: checkpoint file is empty"
     assert not (tmp_path / "o.pth").exists()
+
+
+def test_patch_embed_resampled_for_another_patch_size_and_reported(tiny_mae_official):
+    # ViTDet-H runs the MAE ViT-H/14 checkpoint at patch 16: the kernel is resampled, never skipped
+    from timm.layers import resample_patch_embed
+    sd, rep = load_encoder_state_dict(tiny_mae_official, img_size=64, patch_size=8)
+    assert rep.patch_embed_resized == (16, 8) and rep.pos_embed_resized == ((4, 4), (8, 8))
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        w = torch.load(tiny_mae_official, weights_only=True)["model"]["patch_embed.proj.weight"]
+    assert sd["patch_embed.proj.weight"].shape == (64, 3, 8, 8)
+    assert torch.allclose(sd["patch_embed.proj.weight"], resample_patch_embed(w, [8, 8]))
+    assert "resampled from 16px to 8px" in rep.summary()

@@ -279,18 +279,16 @@ def load_pretrained_backbone(net: ViTDetViT, path: str, pretrain_img_size: int =
     loads it with ``allowed_missing`` = the rel-pos tables only. Every other missing key or any shape
     mismatch raises ``BackboneLoadError`` (a ``UserError``).
 
-    ``arch`` (e.g. ``vit_base_patch16``) makes a checkpoint of another size fail with a clear error;
-    it is ignored when its patch size differs from the net's (ViTDet-H uses patch 16 with a
-    p14→p16-converted checkpoint).
+    ``arch`` (e.g. ``vit_base_patch16``) makes a checkpoint of another size fail with a clear error.
+    When the net's patch size differs from the checkpoint's (ViTDet-H: MAE ViT-H/14 at patch 16, as
+    detectron2's p14→p16-converted checkpoint), the patch-embedding kernel is resampled and the
+    report says so (``patch_embed_resized``).
 
     Returns:
         the ``LoadReport`` (loaded / missing / unexpected / ignored key lists).
     """
     from crossmae import load_encoder_state_dict
     from crossmae.backbone import load_into
-    from crossmae.models import ARCHS
 
-    if arch is not None and (arch not in ARCHS or ARCHS[arch].patch_size != net.patch_size):
-        arch = None
-    sd, report = load_encoder_state_dict(path, arch=arch, img_size=pretrain_img_size)
+    sd, report = load_encoder_state_dict(path, arch=arch, img_size=pretrain_img_size, patch_size=net.patch_size)
     return load_into(net, sd, report, key_map=encoder_key_map, allowed_missing=REL_POS_MISSING)
