@@ -5,6 +5,8 @@
   ``lr = γ · blr · batch / (256 · p)``; CrossMAE ``main_pretrain.py`` ``base_ratio``). For MAE γ = p.
 - :func:`lr_at` / :func:`adjust_learning_rate`: linear warmup then half-cycle cosine, evaluated per
   iteration at a fractional epoch (MAE ``util/lr_sched.adjust_learning_rate``).
+- :func:`vit_layer_id` / :func:`set_group_lrs`: the layer-wise lr decay rule every transfer task
+  uses (each task keeps its own reference's weight-decay rule).
 """
 from __future__ import annotations
 
@@ -42,3 +44,29 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, lr: flo
     for group in optimizer.param_groups:
         group["lr"] = value * group.get("lr_scale", 1.0)
     return value
+
+
+def vit_layer_id(name: str, depth: int, prefix: str = "") -> int:
+    """Layer id of a parameter for layer-wise lr decay — BEiT's rule, as in MAE
+    ``util/lr_decay.get_layer_id_for_vit``, mmseg ``get_layer_id_for_vit`` and detectron2
+    ``get_vit_lr_decay_rate``.
+
+    With ``prefix`` the ViT's parameter prefix inside the task model (``""``, ``"backbone."``,
+    ``"backbone.net."``): ``cls_token`` / ``mask_token`` / ``pos_embed`` / ``patch_embed.*`` → 0,
+    ``blocks.i.*`` → i + 1, everything else (final norm, head, neck, decoders) → ``depth + 1``.
+    The lr scale of a parameter is then ``decay ** (depth + 1 − id)``.
+    """
+    rest = name[len(prefix):] if name.startswith(prefix) else None
+    if rest is None:
+        return depth + 1
+    if rest in ("cls_token", "mask_token", "pos_embed") or rest.startswith("patch_embed"):
+        return 0
+    if rest.startswith("blocks."):
+        return int(rest.split(".")[1]) + 1
+    return depth + 1
+
+
+def set_group_lrs(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> None:
+    """Set every param group's lr to ``base_lr · lr_scale · factor`` (``lr_scale`` 1 when absent)."""
+    for g in optimizer.param_groups:
+        g["lr"] = base_lr * g.get("lr_scale", 1.0) * factor

@@ -57,3 +57,17 @@ def test_metrics_json_is_strict_json(tmp_path):
     text = (tmp_path / "m.json").read_text()
     assert json.loads(text) == {"AP": None, "x": [None, 1.5]} and "NaN" not in text
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temp file left behind
+
+
+def test_layer_id_rule_shared_by_every_task():
+    from crossmae.lr_sched import vit_layer_id
+    # MAE fine-tuning (timm names), mmseg UperNet ("backbone."), detectron2 ViTDet ("backbone.net.")
+    for prefix in ("", "backbone.", "backbone.net."):
+        assert vit_layer_id(prefix + "pos_embed", 12, prefix) == 0
+        assert vit_layer_id(prefix + "patch_embed.proj.weight", 12, prefix) == 0
+        assert vit_layer_id(prefix + "blocks.0.attn.qkv.weight", 12, prefix) == 1
+        assert vit_layer_id(prefix + "blocks.11.mlp.fc2.bias", 12, prefix) == 12
+    assert vit_layer_id("cls_token", 12) == 0 and vit_layer_id("norm.weight", 12) == 13
+    assert vit_layer_id("head.weight", 12) == 13
+    assert vit_layer_id("decode_head.conv_seg.weight", 12, "backbone.") == 13
+    assert vit_layer_id("roi_heads.box_predictor.cls_score.weight", 12, "backbone.net.") == 13

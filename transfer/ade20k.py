@@ -35,7 +35,8 @@ from transfer.seg.data import (IGNORE_INDEX, PositionBatchSampler, SegTestDatase
                                overlay, read_class_names, resize_pair, to_tensor)
 from transfer.seg.metrics import ConfusionMatrix
 from transfer.seg.model import UperNet
-from transfer.seg.optim import lr_factor, param_groups_layer_decay, set_lr
+from crossmae.lr_sched import set_group_lrs
+from transfer.seg.optim import lr_factor, param_groups_layer_decay
 
 TASK = "ade20k"
 PRESET_DIR = REPO_ROOT / "configs" / "ade20k"
@@ -303,7 +304,7 @@ def _run(args, cfg, out: Path, resume_from, log, train_ds, val_ds, class_names, 
                 raise _clean_loader_error(exc) from None
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             factor = lr_factor(it, int(s.warmup_iters), float(s.warmup_start_factor), max_iters, float(s.power))
-            set_lr(optimizer, base_lr, factor)
+            set_group_lrs(optimizer, base_lr, factor)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 losses = model(x, y)
             loss = losses["loss"]

@@ -207,7 +207,8 @@ def _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_s
 
     from transfer.vitdet.backbone import load_pretrained_backbone
     from transfer.vitdet.model import build_model
-    from transfer.vitdet.optim import build_optimizer, lr_factor, set_lr
+    from crossmae.lr_sched import set_group_lrs
+    from transfer.vitdet.optim import build_optimizer, lr_factor
 
     tc, mc = cfg.train, cfg.model.to_dict()
     seed_everything(args.seed + rank)
@@ -300,7 +301,7 @@ def _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_s
     try:
         while it < max_iter:
             factor = lr_factor(it, cfg.optim, max_iter)
-            set_lr(optimizer, cfg.optim.lr, factor)
+            set_group_lrs(optimizer, cfg.optim.lr, factor)
             sums = {k: 0.0 for k in LOSS_NAMES}
             for a in range(accum):
                 batch = next(data_iter)

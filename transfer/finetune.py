@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import re
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from crossmae.checkpoint import CheckpointManager, unwrap
+from crossmae.lr_sched import vit_layer_id
 from crossmae.utils import UserError, cli_entry, init_distributed, resolve_data_root, seed_everything, seed_worker
 
 from . import cls_common as C
@@ -54,22 +54,10 @@ def build_finetune_model(backbone: str, cfg, num_classes: int):
     return model, report
 
 
-def layer_id_for_vit(name: str, num_layers: int) -> int:
-    """MAE ``util/lr_decay.get_layer_id_for_vit`` (BEiT): ``cls_token``/``pos_embed``/``patch_embed.*``
-    → 0, ``blocks.i.*`` → i+1, everything else (``norm``, ``fc_norm``, ``head``) → ``num_layers``
-    (= depth + 1)."""
-    if name in ("cls_token", "pos_embed"):
-        return 0
-    if name.startswith("patch_embed"):
-        return 0
-    if name.startswith("blocks"):
-        return int(name.split(".")[1]) + 1
-    return num_layers
-
-
 def param_groups_lrd(model: nn.Module, weight_decay: float, layer_decay: float,
                      no_weight_decay_list=()) -> list[dict]:
-    """MAE ``util/lr_decay.param_groups_lrd``: one group per (layer id, decay/no-decay) with
+    """MAE ``util/lr_decay.param_groups_lrd``: one group per (layer id from
+    :func:`crossmae.lr_sched.vit_layer_id`, decay/no-decay) with
     ``lr_scale = layer_decay ** (num_layers - layer_id)``, ``num_layers = depth + 1``; weight decay 0 for
     1-D parameters and names in ``no_weight_decay_list``. Frozen parameters are skipped.
 
@@ -87,7 +75,7 @@ def param_groups_lrd(model: nn.Module, weight_decay: float, layer_decay: float,
             g_decay, this_decay = "no_decay", 0.0
         else:
             g_decay, this_decay = "decay", weight_decay
-        lid = layer_id_for_vit(n, num_layers)
+        lid = vit_layer_id(n, len(model.blocks))
         key = f"layer_{lid}_{g_decay}"
         if key not in groups:
             groups[key] = {"lr_scale": scales[lid], "weight_decay": this_decay, "params": []}

@@ -4,8 +4,8 @@ Sources: ``mmseg/engine/optimizers/layer_decay_optimizer_constructor.py``
 (``LearningRateDecayOptimizerConstructor`` with ``decay_type='layer_wise_vit'``) and the config's
 ``param_scheduler`` (mmengine ``LinearLR`` then ``PolyLR``).
 
-This is a local helper, not the generic MAE ``param_groups_lrd`` (``transfer/lr_decay.py`` style),
-because mmseg's rule differs in one place: its no-weight-decay test compares the FULL parameter
+The layer ids are the shared rule (:func:`crossmae.lr_sched.vit_layer_id`); the groups are built
+here rather than with MAE's ``param_groups_lrd`` because mmseg's weight-decay rule differs in one place: its no-weight-decay test compares the FULL parameter
 name with ``'pos_embed'`` / ``'cls_token'``, which never matches ``backbone.pos_embed``, so
 ``pos_embed`` and ``cls_token`` (3-D tensors) DO get weight decay in mmseg. We reproduce that.
 """
@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from crossmae.lr_sched import vit_layer_id
+
 
 def layer_id_for_vit(name: str, num_layers: int) -> int:
     """mmseg ``get_layer_id_for_vit`` with ``max_layer_id = num_layers + 2``: ``backbone.cls_token``,
     ``backbone.pos_embed``, ``backbone.patch_embed.*`` → 0; ``backbone.blocks.i.*`` → i + 1;
     everything else (neck, heads) → ``num_layers + 1``."""
-    if name in ("backbone.cls_token", "backbone.mask_token", "backbone.pos_embed") or \
-            name.startswith("backbone.patch_embed"):
-        return 0
-    if name.startswith("backbone.blocks."):
-        return int(name.split(".")[2]) + 1
-    return num_layers + 1
+    return vit_layer_id(name, num_layers, prefix="backbone.")
 
 
 def param_groups_layer_decay(model: nn.Module, base_lr: float, weight_decay: float, decay_rate: float,
@@ -62,8 +59,3 @@ def lr_factor(it: int, warmup_iters: int, warmup_start_factor: float, max_iters:
     frac = min(max(it - warmup_iters, 0) / span, 1.0)
     return (1.0 - eta_min_factor) * (1.0 - frac) ** power + eta_min_factor
 
-
-def set_lr(optimizer, base_lr: float, factor: float) -> None:
-    """Set every group's lr to ``base_lr · lr_scale · factor``."""
-    for g in optimizer.param_groups:
-        g["lr"] = base_lr * g.get("lr_scale", 1.0) * factor

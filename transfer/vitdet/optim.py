@@ -13,6 +13,8 @@ import bisect
 import torch
 import torch.nn as nn
 
+from crossmae.lr_sched import vit_layer_id
+
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -21,13 +23,7 @@ def vit_lr_decay_rate(name: str, lr_decay_rate: float, num_layers: int) -> float
     """detectron2 ``get_vit_lr_decay_rate``: for ``backbone.*`` parameters, ``.pos_embed`` /
     ``.patch_embed`` are layer 0 and ``.blocks.i.`` layer i+1; everything else (the pyramid, RPN,
     RoI heads) is layer ``num_layers + 1``. Returns ``lr_decay_rate ** (num_layers + 1 - layer)``."""
-    layer_id = num_layers + 1
-    if name.startswith("backbone"):
-        if ".pos_embed" in name or ".patch_embed" in name:
-            layer_id = 0
-        elif ".blocks." in name and ".residual." not in name:
-            layer_id = int(name[name.find(".blocks."):].split(".")[2]) + 1
-    return lr_decay_rate ** (num_layers + 1 - layer_id)
+    return lr_decay_rate ** (num_layers + 1 - vit_layer_id(name, num_layers, prefix="backbone.net."))
 
 
 def param_groups(model: nn.Module, o: dict, num_layers: int) -> list[dict]:
@@ -86,8 +82,3 @@ def build_optimizer(model: nn.Module, o: dict, num_layers: int) -> torch.optim.A
                    "lr_scale": g["lr_scale"]} for g in groups]
     return torch.optim.AdamW(opt_groups, lr=o["lr"], betas=tuple(o["betas"]))
 
-
-def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> None:
-    """Set every group's lr to ``base_lr * lr_scale * factor``."""
-    for g in optimizer.param_groups:
-        g["lr"] = base_lr * g["lr_scale"] * factor
