@@ -56,7 +56,7 @@ def load_rgb(path: str) -> Image.Image:
             img = Image.open(f)
             return img.convert("RGB")  # convert() forces the full decode inside the try
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise CorruptImageError(f"{path}: cannot read image ({type(exc).__name__}: "
+        raise CorruptImageError(f"{path}: cannot decode image ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
 
 

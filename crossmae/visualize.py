@@ -200,21 +200,13 @@ def list_images(paths: list[str] | None, data_root: str | None, num: int) -> lis
 
 def load_image(path: Path, size: int) -> torch.Tensor:
     """RGB image → (3, size, size) float in [0, 1]: shorter side resized to ``size`` (bicubic),
-    centre crop. Raises UserError naming ``path`` when it cannot be decoded."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read image: {exc}")
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    centre crop (torchvision). Raises CorruptImageError (a UserError) naming ``path`` when it cannot
+    be decoded."""
+    from torchvision import transforms
+    from .data import load_rgb
+    tf = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                             transforms.CenterCrop(size), transforms.ToTensor()])
+    return tf(load_rgb(str(path))).clamp_(0.0, 1.0)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -191,7 +191,7 @@ def test_corrupt_image_mid_run_names_the_file(tmp_path, data_root, capsys, worke
                        "total_batch_size=6", "verify_images=False", f"num_workers={workers}", "tensorboard=False"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {bad}: cannot read image")
+    assert len(err) == 1 and err[0].startswith(f"error: {bad}: cannot decode image")
     assert not (tmp_path / "out" / LATEST).exists() and not (tmp_path / "out" / "metrics.json").exists()
 
 

@@ -64,7 +64,7 @@ def test_bad_data_fails_before_any_work(tmp_path, data_root, capsys, case):
     train = root / "imagenet" / "train"
     expected = {"missing_root": "data root does not exist", "missing_train": "folder does not exist",
                 "no_classes": "no class sub-folders", "class_without_images": "no usable images",
-                "corrupt_verified": "cannot read image"}[case]
+                "corrupt_verified": "cannot decode image"}[case]
     if case == "missing_train":
         root.mkdir()
     elif case == "no_classes":
@@ -77,7 +77,7 @@ def test_bad_data_fails_before_any_work(tmp_path, data_root, capsys, case):
         _data(tmp_path, data_root)
         bad = train / "n01440764" / "broken.JPEG"
         bad.write_bytes(b"definitely not a jpeg")
-        expected = f"{bad}: cannot read image"
+        expected = f"{bad}: cannot decode image"
     out = tmp_path / "out"
     msg = fail(["--config", "smoke_crossmae", "--data-root", str(root), "--output-dir", str(out),
                 "--cfg-options", "verify_images=True"], capsys)

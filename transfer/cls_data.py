@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from crossmae.data import load_rgb
 from crossmae.utils import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,13 +79,9 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        try:
-            with open(path, "rb") as f:
-                img = Image.open(f).convert("RGB")
-        except FileNotFoundError:
+        if not os.path.isfile(path):
             raise UserError(f"{path}: image listed in {self.data.source} is missing")
-        except OSError as exc:
-            raise UserError(f"{path}: cannot decode image ({exc})")
+        img = load_rgb(path)
         if self.transform is not None:
             img = self.transform(img)
         return img, label

@@ -104,10 +104,16 @@ def scan_split(root: Path, split: str, check_sizes: bool = True) -> list[Sample]
     for stem in sorted(imgs):
         size = (0, 0)
         if check_sizes:
-            with Image.open(imgs[stem]) as im:
-                iw, ih = im.size
-            with Image.open(anns[stem]) as an:
-                aw, ah = an.size
+            try:
+                with Image.open(imgs[stem]) as im:
+                    iw, ih = im.size
+            except OSError as exc:
+                raise UserError(f"{imgs[stem]}: cannot decode image ({exc})") from None
+            try:
+                with Image.open(anns[stem]) as an:
+                    aw, ah = an.size
+            except OSError as exc:
+                raise UserError(f"{anns[stem]}: cannot read annotation ({exc})") from None
             if (iw, ih) != (aw, ah):
                 raise UserError(f"{anns[stem]}: annotation size {aw}x{ah} differs from image size {iw}x{ih}")
             size = (ih, iw)
@@ -124,7 +130,7 @@ def load_pair(s: Sample, num_classes: int, do_reduce_zero_label: bool = True) ->
     """
     img = cv2.imread(str(s.image), cv2.IMREAD_COLOR)
     if img is None:
-        raise UserError(f"{s.image}: cannot read image")
+        raise UserError(f"{s.image}: cannot decode image")
     try:
         with Image.open(s.annotation) as an:
             label = np.array(an)

@@ -25,6 +25,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from crossmae.data import load_rgb
+
 from crossmae.utils import UserError
 
 
@@ -123,17 +125,11 @@ class CocoInstances(Dataset):
             UserError: corrupt image, or its size differs from the json's ``height``/``width``
                 (detectron2 ``SizeMismatchError``).
         """
-        from PIL import Image
         from pycocotools import mask as mask_util
 
         info = self.images[index]
         path = self.image_dir / info["file_name"]
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                arr = np.asarray(im).copy()
-        except Exception as exc:  # PIL raises several types for truncated / non-image files
-            raise UserError(f"{path}: cannot decode image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        arr = np.asarray(load_rgb(str(path))).copy()
         h, w = arr.shape[:2]
         if (h, w) != (int(info["height"]), int(info["width"])):
             raise UserError(f"{path}: image is {w}x{h} but {self.ann_file.name} says {info['width']}x{info['height']}")
