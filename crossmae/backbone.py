@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .models import ARCHS, get_arch
@@ -229,8 +228,9 @@ def _infer_arch(path: Path, sd: dict, arch: str | None) -> tuple[str, int, int, 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
     """Bicubically interpolate a ViT position embedding to a new patch grid.
 
-    As MAE ``util/pos_embed.interpolate_pos_embed`` (``F.interpolate(mode='bicubic',
-    align_corners=False)`` on the (1, D, h, w) patch part; prefix rows such as the cls token are kept).
+    As MAE ``util/pos_embed.interpolate_pos_embed`` and detectron2 ``get_abs_pos``
+    (``F.interpolate(mode='bicubic', align_corners=False)``, no antialiasing, on the patch part;
+    prefix rows such as the cls token are kept), through timm's ``resample_abs_pos_embed``.
 
     Args:
         pos_embed: (1, num_prefix + h·w, D) with a square old grid.
@@ -242,17 +242,15 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_pre
     Raises:
         ValueError: the old patch count is not a square.
     """
-    prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
-    n, d = patches.shape[1], patches.shape[2]
+    from timm.layers import resample_abs_pos_embed
+    n = pos_embed.shape[1] - num_prefix
     old = int(round(n ** 0.5))
     if old * old != n:
         raise ValueError(f"position embedding has {n} patch rows, not a square grid")
     if (old, old) == tuple(new_grid):
         return pos_embed
-    grid = patches.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], d).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
+    return resample_abs_pos_embed(pos_embed, list(new_grid), old_size=[old, old], num_prefix_tokens=num_prefix,
+                                  interpolation="bicubic", antialias=False)
 
 
 def load_encoder_state_dict(path: str | Path, *, arch: str | None = None, img_size: int | tuple[int, int] | None = None,

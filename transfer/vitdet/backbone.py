@@ -107,17 +107,10 @@ def resize_abs_pos(pos_embed: torch.Tensor, hw: tuple[int, int], has_cls: bool =
     Returns:
         (1, h, w, D).
     """
-    if has_cls:
-        pos_embed = pos_embed[:, 1:]
-    n = pos_embed.shape[1]
-    g = int(math.isqrt(n))
-    if g * g != n:
-        raise ValueError(f"pos_embed has {n} positions, not a square grid")
-    grid = pos_embed.reshape(1, g, g, -1)
-    if (g, g) != tuple(hw):
-        grid = F.interpolate(grid.permute(0, 3, 1, 2), size=tuple(hw), mode="bicubic",
-                             align_corners=False).permute(0, 2, 3, 1)
-    return grid
+    from crossmae.backbone import resize_pos_embed
+    prefix = 1 if has_cls else 0
+    out = resize_pos_embed(pos_embed, tuple(hw), num_prefix=prefix)[:, prefix:]
+    return out.reshape(1, hw[0], hw[1], -1)
 
 
 class ViTDetViT(nn.Module):
