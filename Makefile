@@ -11,7 +11,7 @@ install:
 	$(PYTHON) -m pip install -q -e ".[test]"
 
 demo: install
-	CROSSMAE_DATA_ROOT=$(DATA_ROOT) $(PYTHON) -m benchmarks.main_job --data-root $(DATA_ROOT) --output-dir $(OUT)
+	CROSSMAE_DATA_ROOT=$(DATA_ROOT) $(PYTHON) -m slurm.main_job --data-root $(DATA_ROOT) --output-dir $(OUT)
 
 test: install
 	-bash slurm/cluster.sh ensure

@@ -48,8 +48,8 @@ def _pretrained_tiny(out: Path, data_root: str | None) -> Path:
 
 
 def _run(protocol: str, args, out: Path, cache: Path, extra: list[str]) -> dict:
-    from transfer import cls_common as C
-    from transfer.linprobe import PRESET_DIR, run_linprobe
+    from transfer.classification import common as C
+    from transfer.classification.linprobe import PRESET_DIR, run_linprobe
     run_dir = out / f"run_{protocol}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.backbone is None:
         args.backbone = _pretrained_tiny(out, args.data_root)
-    elif not Path(args.backbone).is_file():
-        raise UserError(f"{args.backbone}: --backbone checkpoint not found")
+    else:
+        from crossmae.zoo import resolve_backbone
+        args.backbone = str(resolve_backbone(args.backbone))
     load_config(args.config, None, Path(__file__).resolve().parent.parent / "configs" / "linprobe")  # validate early
     # import the heavy libraries once, before any timed run, so no protocol pays them
     import importlib

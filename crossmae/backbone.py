@@ -127,6 +127,11 @@ def _group(keys: Iterable[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 def _read_raw(path: Path) -> tuple[dict, dict | None, object, str]:
     """(state_dict, container-or-None, args, container kind) from a file; safe loading only."""
+    from .zoo import resolve_backbone
+    try:
+        path = resolve_backbone(path)
+    except UserError as exc:
+        raise BackboneLoadError(str(exc)) from None
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise BackboneLoadError(f"{path}: checkpoint file not found")

@@ -9,7 +9,7 @@ import pytest
 
 
 from crossmae.utils import UserError
-from transfer.cls_data import (eval_transform, load_imagefolder, load_inat2019, load_places365, load_split,
+from transfer.classification.data import (eval_transform, load_imagefolder, load_inat2019, load_places365, load_split,
                                load_train_val, places_categories)
 
 

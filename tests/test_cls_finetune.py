@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from transfer import finetune, inat
+from transfer.classification import finetune as ft_protocol
 
 
 
@@ -27,12 +28,12 @@ def test_finetune_resume_equals_uninterrupted(tiny_crossmae_ckpt, data_root, tmp
         if epoch == 0:
             raise Preempted()
 
-    monkeypatch.setattr(finetune, "EPOCH_END_HOOK", stop)
+    monkeypatch.setattr(ft_protocol, "EPOCH_END_HOOK", stop)
     with pytest.raises(Preempted):
         finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "part", *opts))
     assert not (tmp_path / "part" / "metrics.json").exists()
     assert (tmp_path / "part" / "checkpoint-latest.pth").exists()
-    monkeypatch.setattr(finetune, "EPOCH_END_HOOK", None)
+    monkeypatch.setattr(ft_protocol, "EPOCH_END_HOOK", None)
     resumed = finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "part", *opts) + ["--resume"])
     assert resumed["metrics"] == full["metrics"]
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
@@ -49,10 +50,10 @@ def test_finetune_resume_equals_uninterrupted(tiny_crossmae_ckpt, data_root, tmp
     with pytest.raises(SystemExit):
         finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "full", *opts))
     assert json.loads((tmp_path / "full" / "metrics.json").read_text()) == m
-    monkeypatch.setattr(finetune, "EPOCH_END_HOOK", stop)
+    monkeypatch.setattr(ft_protocol, "EPOCH_END_HOOK", stop)
     with pytest.raises(Preempted):
         finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "p2", *opts))
-    monkeypatch.setattr(finetune, "EPOCH_END_HOOK", None)
+    monkeypatch.setattr(ft_protocol, "EPOCH_END_HOOK", None)
     with pytest.raises(SystemExit):
         finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "p2", "epochs=4"))
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from transfer import inat, linprobe, places
-from transfer.cls_data import ClassificationData
+from transfer.classification import linprobe as lp_protocol
+from transfer.classification.data import ClassificationData
 
 
 
@@ -40,7 +41,7 @@ def test_fast_probe_grid_cache_and_blind_selection(tiny_crossmae_ckpt, data_root
     assert b["grid"] == a["grid"] and b["metrics"] == a["metrics"]
 
     # corrupt the VAL labels: the selection (hold-out scores, choice, hold-out indices) cannot change
-    real = linprobe.load_train_val
+    real = lp_protocol.load_train_val
 
     def scrambled(data_cfg, data_root):
         tr, va = real(data_cfg, data_root)
@@ -48,7 +49,7 @@ def test_fast_probe_grid_cache_and_blind_selection(tiny_crossmae_ckpt, data_root
         ys = torch.randint(0, va.num_classes, (len(va.samples),), generator=g).tolist()
         return tr, ClassificationData([(p, y) for (p, _), y in zip(va.samples, ys)], va.classes, va.source)
 
-    monkeypatch.setattr(linprobe, "load_train_val", scrambled)
+    monkeypatch.setattr(lp_protocol, "load_train_val", scrambled)
     c = linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "c", cache, "protocol=fast"))
     assert c["cache"] == {"hits": 8, "misses": 8}  # train hit, val (other labels) re-extracted
     assert c["grid"] == a["grid"] and c["choice"] == a["choice"]
@@ -68,11 +69,11 @@ def test_fast_probe_resume_and_blocks_curve(tiny_crossmae_ckpt, data_root, tmp_p
         if epoch == 1:
             raise Preempted()
 
-    monkeypatch.setattr(linprobe, "EPOCH_END_HOOK", stop)
+    monkeypatch.setattr(lp_protocol, "EPOCH_END_HOOK", stop)
     with pytest.raises(Preempted):
         linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "part", cache, *opts))
     assert not (tmp_path / "part" / "metrics.json").exists()
-    monkeypatch.setattr(linprobe, "EPOCH_END_HOOK", None)
+    monkeypatch.setattr(lp_protocol, "EPOCH_END_HOOK", None)
     res = linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "part", cache, *opts))
     assert res["metrics"] == full["metrics"] and res["grid"] == full["grid"]
 
@@ -95,7 +96,7 @@ def test_mae_protocol_on_places_and_knn_on_inat(tiny_crossmae_ckpt, data_root, t
     assert set(st) == {"0.running_mean", "0.running_var", "0.num_batches_tracked", "1.weight", "1.bias"}
     assert st["1.weight"].shape == (365, 64)
     vit, rep = load_backbone(tiny_crossmae_ckpt, arch="vit_tiny_patch16", img_size=32)
-    probe = linprobe.LinearProbe(linprobe.FeatureEncoder(vit, rep.has_final_norm), 365, "avg").train()
+    probe = lp_protocol.LinearProbe(lp_protocol.FeatureEncoder(vit, rep.has_final_norm), 365, "avg").train()
     assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.1.weight", "head.1.bias"]
     assert probe.head[0].affine is False and not probe.encoder.training and probe.head.training
 

@@ -9,11 +9,11 @@ import torch
 from mmengine.config import Config
 from timm.models.vision_transformer import VisionTransformer
 
-from transfer.cls_data import ImageDataset, eval_transform, load_inat2019
-from transfer.feature_cache import FeatureCache, FeatureEncoder
-from transfer.finetune import build_optimizer
-from transfer.lars import LARS
-from transfer.linprobe import holdout_split, knn_classify, select_best
+from transfer.classification.data import ImageDataset, eval_transform, load_inat2019
+from transfer.classification.feature_cache import FeatureCache, FeatureEncoder
+from transfer.classification.finetune import build_optimizer
+from transfer.classification.lars import LARS
+from transfer.classification.linprobe import holdout_split, knn_classify, select_best
 
 
 
@@ -84,7 +84,7 @@ def test_lars_matches_reference_update():
 
 
 def test_stacked_lars_equals_one_lars_per_head():
-    from transfer.lars import StackedLARS
+    from transfer.classification.lars import StackedLARS
     torch.manual_seed(1)
     W = torch.randn(3, 5, 4)
     b = torch.randn(3, 5)
@@ -196,7 +196,7 @@ def test_crossmae_token_feature_uses_parameter_free_norm(tiny_crossmae_ckpt):  #
 # ------------------------------------------------------------------ fine-tuning model, loss, presets
 def test_finetune_model_head_pool_and_pos_embed(tiny_crossmae_ckpt):  # noqa: F811
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from transfer.finetune import build_criterion, build_finetune_model, build_mixup
+    from transfer.classification.finetune import build_criterion, build_finetune_model, build_mixup
     cfg = Config(dict(arch="vit_tiny_patch16", input_size=32, global_pool="avg", drop_path=0.1,
                       head_init_std=2e-5, mixup=0.8, cutmix=1.0, cutmix_minmax=None, mixup_prob=1.0,
                       mixup_switch_prob=0.5, mixup_mode="batch", smoothing=0.1))

@@ -96,7 +96,7 @@ def test_bad_input_exits_2_without_metrics(tmp_path, capsys, data_root, tiny_mae
     _fails(capsys, base + ["--backbone", str(tiny_mae_official), "--data-root", str(tmp_path)],
            "COCO folder not found")
     _fails(capsys, base + ["--backbone", str(tmp_path / "missing.pth"), "--data-root", str(data_root)],
-           "missing.pth: backbone checkpoint not found")
+           "missing.pth: --backbone checkpoint not found")
     _fails(capsys, base + ["--data-root", str(data_root)], "--backbone is required")
     _fails(capsys, base + ["--eval-only", "--data-root", str(data_root)], "--eval-only needs --weights")
     _fails(capsys, base + ["--backbone", "none", "--cfg-options", "nope=1"], "unknown key")

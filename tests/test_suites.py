@@ -133,7 +133,7 @@ def test_resources_replace_types():
 
 
 def test_main_job_refuses_a_missing_data_root(tmp_path, capsys):
-    from benchmarks.main_job import main as main_job
+    from slurm.main_job import main as main_job
     with pytest.raises(SystemExit) as e:
         main_job(["--data-root", str(tmp_path / "nodata"), "--output-dir", str(tmp_path / "o")])
     assert e.value.code == 2

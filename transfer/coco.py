@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
     data_root = resolve_data_root(args.data_root)
     val_set = build_dataset(data_root, cfg.data.to_dict(), "val")
     train_set = None if args.eval_only else build_dataset(data_root, cfg.data.to_dict(), "train")
-    if args.backbone not in (None, "none") and not Path(args.backbone).is_file():
-        raise UserError(f"{args.backbone}: backbone checkpoint not found")
+    if args.backbone not in (None, "none"):
+        from crossmae.zoo import resolve_backbone
+        resolve_backbone(args.backbone)
 
     out = Path(args.output_dir)
     main_proc = is_main_process()

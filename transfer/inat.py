@@ -1,7 +1,7 @@
 """iNaturalist 2019 classification transfer (fine-tuning, or ``--protocol linprobe``).
 
 Data: the official layout (``train2019.json``, ``val2019.json``, ``train_val2019/…``; class index =
-rank of the category id, see ``transfer.cls_data.load_inat2019``). Recipe: the MAE fine-tuning recipe
+rank of the category id, see ``transfer.classification.data.load_inat2019``). Recipe: the MAE fine-tuning recipe
 (REFERENCE.md section 3: MAE publishes no iNat-specific recipe), 1010 classes.
 
 Usage::
@@ -11,7 +11,7 @@ Usage::
 """
 from __future__ import annotations
 
-from .cls_common import dataset_command
+from transfer.classification.commands import dataset_command
 
 build_parser, main = dataset_command("inat", "iNaturalist 2019 classification transfer.")
 

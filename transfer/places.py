@@ -2,7 +2,7 @@
 
 Data: the official Places365-Standard layout (``places365_train_standard.txt``, ``places365_val.txt``,
 ``data_256/``, ``val_256/``, ``categories_places365.txt``; class index = official id, see
-``transfer.cls_data.load_places365``). Recipe: the MAE fine-tuning recipe (REFERENCE.md section 3), 365
+``transfer.classification.data.load_places365``). Recipe: the MAE fine-tuning recipe (REFERENCE.md section 3), 365
 classes.
 
 Usage::
@@ -12,7 +12,7 @@ Usage::
 """
 from __future__ import annotations
 
-from .cls_common import dataset_command
+from transfer.classification.commands import dataset_command
 
 build_parser, main = dataset_command("places", "Places365-Standard classification transfer.")
 

@@ -1,7 +1,7 @@
 """The ``smoke`` suite: every transfer task with tiny settings that finish on 2 CPU cores.
 
 Each task runs its ``configs/<task>/smoke.py`` preset on the bundled real mini datasets (the data
-root is the ``--data-root`` option of ``slurm.submit`` / ``benchmarks.main_job``). Numbers from it
+root is the ``--data-root`` option of ``slurm.submit`` / ``slurm.main_job``). Numbers from it
 say that the pipeline works end to end, never how good a backbone is. The pretraining presets used
 by the main job are ``configs/pretrain/smoke_mae.py`` and ``smoke_crossmae.py``.
 """

@@ -1,4 +1,4 @@
-"""Plumbing shared by the classification commands (finetune, linprobe, inat, places).
+"""Plumbing shared by the classification protocols (fine-tuning, linear probes; ImageNet, iNat, Places).
 
 The run life cycle (parser, config, run folder, logs, metrics file) is ``crossmae.runs``, shared by
 every command; this module adds what only classification needs.
@@ -15,7 +15,9 @@ import torch
 from crossmae.lr_sched import adjust_learning_rate, lr_at  # noqa: F401  (MAE util/lr_sched.py)
 from crossmae.runs import (Timer, amp_dtype_for, backbone_sha, build_parser, close_logger, code_version,  # noqa: F401
                            default_preset, device_name, finish_run, get_logger, prepare_run, report_dict, resolve_config, tb_writer)
-from crossmae.utils import REPO_ROOT, UserError, default_device, load_config
+from crossmae.utils import REPO_ROOT, UserError, default_device, load_config, seed_worker
+
+from .data import ShardSampler
 
 CONFIG_ROOT = REPO_ROOT / "configs"
 
@@ -27,8 +29,8 @@ def load_cls_backbone(path: str, cfg, *, num_classes: int, global_pool: str, dro
     Returns ``(model, LoadReport)``. Raises ``UserError`` (``BackboneLoadError``) for a bad checkpoint.
     """
     from crossmae import load_backbone  # the lead's backbone API (CONTRACTS.md)
-    if not Path(path).is_file():
-        raise UserError(f"{path}: --backbone checkpoint not found")
+    from crossmae.zoo import resolve_backbone
+    path = str(resolve_backbone(path))
     return load_backbone(path, arch=cfg.get("arch"), img_size=cfg.input_size, num_classes=num_classes,
                          global_pool=global_pool, drop_path_rate=drop_path_rate)
 
@@ -72,65 +74,6 @@ def json_dumps(obj: Any) -> str:
 
 def get_device() -> torch.device:
     return default_device()
-
-
-# --------------------------------------------------------------------------------------------------
-# dataset commands (transfer.inat, transfer.places)
-# --------------------------------------------------------------------------------------------------
-DATASET_PROTOCOLS = ("finetune", "linprobe")
-
-
-def dataset_parser(task: str, description: str) -> argparse.ArgumentParser:
-    """Parser of ``python -m transfer.<task>``: the common options + ``--protocol finetune|linprobe``."""
-    p = build_parser(f"python -m transfer.{task}", description)
-    p.add_argument("--protocol", choices=DATASET_PROTOCOLS, default="finetune",
-                   help="finetune (default; configs/<task>/<preset>.py) or linprobe "
-                        "(configs/<task>/linprobe_<preset>.py; its sub-protocol via protocol=mae|fast|blocks|knn)")
-    return p
-
-
-def dataset_command(task: str, description: str):
-    """``(build_parser, main)`` of the command ``python -m transfer.<task>`` for a dataset preset folder
-    (``transfer.inat``, ``transfer.places``); ``main`` is wrapped by ``cli_entry``."""
-    from crossmae.utils import cli_entry
-
-    def build() -> argparse.ArgumentParser:
-        return dataset_parser(task, description)
-
-    @cli_entry
-    def main(argv: list[str] | None = None) -> dict:
-        """Entry point (task protocol of CONTRACTS.md). Returns the metrics dict."""
-        return dataset_task_main(task, argv, description)
-
-    build.__doc__ = f"Command line of ``python -m transfer.{task}``."
-    return build, main
-
-
-def dataset_task_main(task: str, argv: list[str] | None, description: str) -> dict:
-    """Run the fine-tuning or linear-probe protocol on a dataset preset folder ``configs/<task>/``.
-
-    A preset name ``X`` means ``configs/<task>/X.py`` for fine-tuning and ``configs/<task>/linprobe_X.py``
-    for linear probing; a path is used as given. The config's ``family`` must match ``--protocol``.
-
-    Raises:
-        UserError: the config's family disagrees with ``--protocol``.
-    """
-    args = dataset_parser(task, description).parse_args(argv)
-    preset_dir = CONFIG_ROOT / task
-    prefix = "linprobe_" if args.protocol == "linprobe" else ""
-    config = default_preset(args, preset_dir, prefix)
-    if prefix and not Path(config).suffix and not config.startswith(prefix):
-        config = prefix + config
-    cfg = load_config(config, args.cfg_options, preset_dir)
-    if args.seed is not None:
-        cfg.seed = args.seed
-    if cfg.get("family") != args.protocol:
-        raise UserError(f"{args.config}: config is for protocol {cfg.get('family')!r}, --protocol is {args.protocol!r}")
-    if args.protocol == "finetune":
-        from .finetune import run_finetune
-        return run_finetune(args, cfg, task)
-    from .linprobe import run_linprobe
-    return run_linprobe(args, cfg, task)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,3 +151,34 @@ def final_metrics(history: list) -> dict:
     if not ev:
         raise RuntimeError("no evaluation was run")
     return {"top1": ev[-1]["top1"], "top5": ev[-1]["top5"], "top1_best": max(h["top1"] for h in ev)}
+
+
+def effective_lr(cfg, world: int) -> tuple[int, float]:
+    """``(per_gpu_batch, lr)`` with ``lr = blr * batch / 256`` (MAE), ``batch`` the total effective
+    batch (``cfg.batch_size``, = per-GPU × accum_iter × GPUs). ``cfg.lr`` when set wins.
+
+    Raises:
+        UserError: ``batch_size`` not divisible by GPUs × accum_iter.
+    """
+    denom = world * cfg.accum_iter
+    if cfg.batch_size % denom:
+        raise UserError(f"config batch_size={cfg.batch_size}: not divisible by {world} GPU(s) x accum_iter "
+                        f"{cfg.accum_iter}")
+    lr = cfg.lr if cfg.get("lr") is not None else cfg.blr * cfg.batch_size / 256
+    return cfg.batch_size // denom, lr
+
+
+def make_loaders(cfg, train_ds, val_ds, per_gpu_batch: int, rank: int, world: int):
+    """Train loader (DistributedSampler shuffle seeded by ``cfg.seed``, ``set_epoch`` per epoch,
+    drop_last as MAE) and a sharded, unpadded eval loader."""
+    from torch.utils.data import DataLoader, DistributedSampler
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    train = DataLoader(train_ds, batch_size=per_gpu_batch, sampler=sampler, num_workers=cfg.num_workers,
+                       pin_memory=torch.cuda.is_available(), drop_last=True, worker_init_fn=seed_worker,
+                       persistent_workers=False)
+    val = DataLoader(val_ds, batch_size=cfg.get("eval_batch_size", per_gpu_batch),
+                     sampler=ShardSampler(len(val_ds), rank, world), num_workers=cfg.num_workers, drop_last=False)
+    if len(train) == 0:
+        raise UserError(f"config batch_size={cfg.batch_size}: larger than the {len(train_ds)} train images per GPU "
+                        f"(drop_last); lower it")
+    return sampler, train, val

@@ -1,8 +1,8 @@
 """The main job (README command 1): pretrain a small MAE and a small CrossMAE on the real ImageNet
 images, transfer both to every task of the ``smoke`` suite, and write the leaderboard::
 
-    python -m benchmarks.main_job                       # data root ../shared/data, output output/main
-    python -m benchmarks.main_job --data-root /data --output-dir runs/main
+    python -m slurm.main_job                       # data root ../shared/data, output output/main
+    python -m slurm.main_job --data-root /data --output-dir runs/main
 
 It is ``python -m slurm.submit --suite smoke --pretrain mae=smoke_mae --pretrain
 crossmae=smoke_crossmae --executor local`` (the same dispatch code as on a cluster: pretraining →
@@ -26,7 +26,7 @@ from benchmarks.suites import get_suite
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.main_job", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m slurm.main_job", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default=None, help="datasets root (default $CROSSMAE_DATA_ROOT or ../shared/data)")
     p.add_argument("--output-dir", default=str(REPO_ROOT / "output" / "main"))
     p.add_argument("--executor", default="local", choices=["local", "debug", "slurm", "auto"],
