@@ -23,6 +23,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -230,6 +231,51 @@ def _infer_arch(path: Path, sd: dict, arch: str | None) -> tuple[str, int, int, 
     return arch, patch, width, a.depth
 
 
+def expected_encoder_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every fixed-size encoder tensor of ``arch`` under timm names.
+
+    ``cls_token`` (1, 1, D), ``patch_embed.proj.weight`` (D, 3, p, p) and bias (D,), and per block
+    ``norm1``/``norm2`` (D,), ``attn.qkv`` (3D, D) + (3D,), ``attn.proj`` (D, D) + (D,), ``mlp.fc1``
+    (4D, D) + (4D,), ``mlp.fc2`` (D, 4D) + (D,) (timm ``VisionTransformer`` with mlp_ratio 4, as MAE's
+    ``models_vit.py``), and the optional ``norm`` / ``fc_norm`` (D,). ``pos_embed`` (its grid) and
+    ``head`` (its class count) are checked by the caller.
+    """
+    a = get_arch(arch)
+    d, h, p = a.embed_dim, 4 * a.embed_dim, a.patch_size
+    block = {"norm1.weight": (d,), "norm1.bias": (d,), "attn.qkv.weight": (3 * d, d), "attn.qkv.bias": (3 * d,),
+             "attn.proj.weight": (d, d), "attn.proj.bias": (d,), "norm2.weight": (d,), "norm2.bias": (d,),
+             "mlp.fc1.weight": (h, d), "mlp.fc1.bias": (h,), "mlp.fc2.weight": (d, h), "mlp.fc2.bias": (d,)}
+    out = {"cls_token": (1, 1, d), "patch_embed.proj.weight": (d, 3, p, p), "patch_embed.proj.bias": (d,),
+           "norm.weight": (d,), "norm.bias": (d,), "fc_norm.weight": (d,), "fc_norm.bias": (d,)}
+    for i in range(a.depth):
+        out.update({f"blocks.{i}.{k}": s for k, s in block.items()})
+    return out
+
+
+def check_encoder_tensors(path: str | Path, enc: dict[str, torch.Tensor], arch: str) -> None:
+    """Refuse what would otherwise be cast or loaded silently: a non-floating-point tensor (integer or
+    bool weights), and any tensor whose shape differs from ``arch``'s (:func:`expected_encoder_shapes`;
+    ``head`` must be (C, D) + (C,)).
+
+    Raises:
+        BackboneLoadError: one line naming the key and its dtype, or its shape and the expected shape.
+    """
+    for k, v in enc.items():
+        if not torch.is_floating_point(v):
+            raise BackboneLoadError(f"{path}: {k} has dtype {str(v.dtype).replace('torch.', '')}; "
+                                    f"expected floating-point weights")
+    expected = expected_encoder_shapes(arch)
+    d = expected["cls_token"][-1]
+    if "head.weight" in enc:
+        c = enc["head.weight"].shape[0] if enc["head.weight"].ndim == 2 else "C"
+        expected.update({"head.weight": (c, d), "head.bias": (c,)})
+    for k, v in enc.items():
+        want = expected.get(k)
+        if want is not None and tuple(v.shape) != want:
+            shown = "(" + ", ".join(map(str, want)) + ("," if len(want) == 1 else "") + ")"
+            raise BackboneLoadError(f"{path}: {k} has shape {tuple(v.shape)}, expected {shown} for {arch}")
+
+
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
     """Bicubically interpolate a ViT position embedding to a new patch grid.
 
@@ -283,6 +329,7 @@ def load_encoder_state_dict(path: str | Path, *, arch: str | None = None, img_si
             unknown non-decoder keys, non-finite weights, ``img_size`` not divisible by the patch size.
     """
     path = Path(path)
+    check_img_size(img_size, f"{path}: image size")
     sd, container, args, _ = _read_raw(path)
     sd = _strip_wrappers(sd)
     fmt = _detect_format(sd, container)
@@ -303,9 +350,8 @@ def load_encoder_state_dict(path: str | Path, *, arch: str | None = None, img_si
     absent = [k for k in need if k not in enc]
     if absent:
         raise BackboneLoadError(f"{path}: missing encoder tensors {_short(absent)} ({len(absent)} in all)")
+    check_encoder_tensors(path, enc, arch)
     for k, v in enc.items():
-        if not torch.is_floating_point(v):
-            continue
         if not torch.isfinite(v).all():
             raise BackboneLoadError(f"{path}: non-finite values (nan/inf) in {k}")
     pe = enc["pos_embed"]
@@ -463,20 +509,57 @@ def export_encoder(path: str | Path, out: str | Path, arch: str | None = None) -
     Raises:
         BackboneLoadError: see :func:`load_encoder_state_dict`.
     """
+    check_output_file(out)
     sd, report = load_encoder_state_dict(path, arch=arch)
     sd = {k: v.contiguous() for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
     meta = dict(report.meta, format="project_encoder", arch=report.arch, source=str(path),
                 source_sha256=report.sha256, source_format=report.format, has_final_norm=report.has_final_norm)
     out = Path(out)
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-        tmp.replace(out)
-    else:
-        atomic_save({"model": sd, "meta": meta}, out)
+    try:
+        if out.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp")
+            save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+            tmp.replace(out)
+        else:
+            atomic_save({"model": sd, "meta": meta}, out)
+    except OSError as exc:
+        raise BackboneLoadError(f"{out}: cannot write the exported encoder ({exc.strerror or type(exc).__name__})") \
+            from None
     return report
+
+
+def check_img_size(img_size, what: str = "--img-size") -> None:
+    """Refuse an image size (int or (H, W), pixels) that is not a positive integer.
+
+    Raises:
+        UserError: one line ``<what> <value>: expected a positive number of pixels``.
+    """
+    if img_size is None:
+        return
+    hw = (img_size, img_size) if not isinstance(img_size, (tuple, list)) else tuple(img_size)
+    if len(hw) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in hw):
+        raise BackboneLoadError(f"{what} {img_size}: expected a positive number of pixels")
+
+
+def check_output_file(out: str | Path) -> None:
+    """Refuse an output file path that cannot be written, before any work: an existing folder, a
+    parent that is a file, or a nearest existing parent folder without write permission.
+
+    Raises:
+        UserError: one line naming the path and the problem.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise BackboneLoadError(f"{out}: is a folder; give the exported encoder's file name (e.g. {out / 'encoder.pth'})")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BackboneLoadError(f"{out}: cannot write there: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BackboneLoadError(f"{out}: cannot write there: folder {parent} is not writable")
 
 
 @cli_entry
@@ -494,6 +577,7 @@ def main(argv: list[str] | None = None) -> LoadReport:
     pe.add_argument("--arch", default=None, choices=sorted(ARCHS))
     args = p.parse_args(argv)
     if args.cmd == "inspect":
+        check_img_size(args.img_size)
         _, report = load_encoder_state_dict(args.checkpoint, arch=args.arch, img_size=args.img_size)
         print(report.summary())
         if report.meta:

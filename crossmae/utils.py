@@ -181,8 +181,13 @@ def load_config(config: str | os.PathLike, cfg_options: Iterable[str] | None = N
     Returns:
         ``mmengine.Config``.
 
+    Every override is checked against the preset's value (type) and the field's range rule
+    (:func:`check_override`), and the resolved config's fields against :data:`CONFIG_RULES`
+    (:func:`check_config_values`), so a bad value fails here, before any command does work.
+
     Raises:
-        UserError: the file does not exist, cannot be parsed, or an override names an unknown key.
+        UserError: the file does not exist, cannot be parsed, an override names an unknown key or has
+            the wrong type, or a value is out of range (one line naming the file, key and value).
     """
     from mmengine.config import Config
 
@@ -201,15 +206,171 @@ def load_config(config: str | os.PathLike, cfg_options: Iterable[str] | None = N
         raise UserError(f"{path}: cannot parse config: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     overrides = parse_cfg_options(cfg_options)
     as_dict = cfg.to_dict()
-    for key in overrides:
+    for key, value in overrides.items():
         node = as_dict
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
                 raise UserError(f"{path}: --cfg-options names unknown key {key!r}")
             node = node[part]
+        check_override(path, key, value, node)
     if overrides:
         cfg.merge_from_dict(overrides)
+    check_config_values(path, cfg.to_dict())
     return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# config value checks (types follow the preset; ranges by field name)
+# --------------------------------------------------------------------------------------------------
+class _Rule:
+    """The accepted values of a config field: a kind (``int`` or ``float``), bounds and whether None
+    is accepted. ``elementwise`` rules apply to every element of a list/tuple value."""
+
+    def __init__(self, kind: type, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                 nullable: bool = False, elementwise: bool = False):
+        self.kind, self.lo, self.hi, self.lo_open = kind, lo, hi, lo_open
+        self.nullable, self.elementwise = nullable, elementwise
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        if self.lo is not None and self.hi is not None:
+            what += f" in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
+        elif self.lo is not None:
+            what += (f" > {self.lo:g}" if self.lo_open else f" >= {self.lo:g}")
+        if self.elementwise:
+            what = f"a list of {what.replace('an integer', 'integers').replace('a number', 'numbers')}"
+        return what + (" (or None)" if self.nullable else "")
+
+    def _ok_scalar(self, v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (self.kind is int and not isinstance(v, int)):
+            return False
+        if isinstance(v, float) and not np.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or v <= self.hi
+
+    def ok(self, v: Any) -> bool:
+        if v is None:
+            return self.nullable
+        if self.elementwise:
+            return isinstance(v, (list, tuple)) and all(self._ok_scalar(x) for x in v)
+        return self._ok_scalar(v)
+
+
+def _rules(names: str, rule: _Rule) -> dict[str, _Rule]:
+    return {n: rule for n in names.split()}
+
+
+#: Range rules by field name (the last part of a dotted key), built from every configs/*/ preset:
+#: counts and sizes are positive integers, workers / warm-up lengths / periods that may be 0 are
+#: non-negative integers, learning rates are positive, decays and loss weights non-negative, ratios,
+#: probabilities and thresholds lie in [0, 1]. A field whose preset value is None accepts None.
+CONFIG_RULES: dict[str, _Rule] = {
+    **_rules("batch_size total_batch_size batch_size_per_device batch_size_per_image extract_batch_size "
+             "epochs max_iter max_iters accum_iter input_size img_size image_size pretrain_img_size patch_size "
+             "embed_dim depth decoder_depth num_heads num_classes channels aux_channels out_channels "
+             "window_size test_short_edge test_max_size detections_per_img box_pool_size mask_pool_size k "
+             "data_subset max_images log_interval log_period checkpoint_interval checkpoint_period "
+             "eval_interval", _Rule(int, 1)),
+    **_rules("num_workers warmup_epochs warmup_iters save_freq snapshot_freq save_interval val_interval "
+             "eval_period log_freq keep_checkpoints num_overlays aux_num_convs conv_depth sampling_ratio "
+             "recount aux_in_index", _Rule(int, 0)),
+    **_rules("blr lr temperature mlp_ratio head_init_std gamma power", _Rule(float, 0, lo_open=True)),
+    **_rules("warmup_factor warmup_start_factor layer_decay", _Rule(float, 0, 1, lo_open=True)),
+    **_rules("min_lr weight_decay mixup cutmix smooth_l1_beta aux_loss_weight", _Rule(float, 0)),
+    **_rules("weight_decay_norm weight_decay_bias clip_grad grad_clip", _Rule(float, 0, nullable=True)),
+    **_rules("kept_mask_ratio", _Rule(float, 0, 1, nullable=True)),
+    **_rules("mask_ratio drop_path drop_path_rate dropout flip_prob reprob mixup_prob "
+             "mixup_switch_prob smoothing holdout_fraction positive_fraction fg_iou_thresh bg_iou_thresh "
+             "iou_thresh nms_thresh score_thresh cat_max_ratio", _Rule(float, 0, 1)),
+    **_rules("blrs", _Rule(float, 0, lo_open=True, elementwise=True)),
+    **_rules("betas", _Rule(float, 0, 1, elementwise=True)),
+    **_rules("crop_size stride scale anchor_sizes box_conv_dims box_fc_dims mask_conv_dims pre_nms_topk "
+             "post_nms_topk", _Rule(int, 1, elementwise=True)),
+}
+
+
+def _type_name(v: Any) -> str:
+    if v is None:
+        return "None"
+    if isinstance(v, bool):
+        return "a boolean (True/False)"
+    if isinstance(v, int):
+        return "an integer"
+    if isinstance(v, float):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, (list, tuple)):
+        return "a list"
+    if isinstance(v, dict):
+        return "a dict"
+    return type(v).__name__
+
+
+def _same_type(value: Any, preset: Any) -> bool:
+    """Whether an override ``value`` has the type of the preset's value: int stays int, a float field
+    accepts an int, bool only bool, a string / float field accepts None (``aug.auto_augment=None``,
+    ``model.layer_scale_init=None``), lists and tuples are interchangeable, a None preset accepts
+    anything."""
+    if preset is None:
+        return True
+    if isinstance(preset, bool):
+        return isinstance(value, bool)
+    if isinstance(preset, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(preset, float):
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    if isinstance(preset, str):
+        return value is None or isinstance(value, str)
+    if isinstance(preset, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    if isinstance(preset, dict):
+        return isinstance(value, dict)
+    return True
+
+
+def check_override(path: str | os.PathLike, key: str, value: Any, preset: Any) -> None:
+    """Check one ``--cfg-options key=value`` against the preset's value (type) and the field's rule
+    (range, :data:`CONFIG_RULES`), before anything runs.
+
+    Raises:
+        UserError: one line naming the config file, the key, the value and what is expected.
+    """
+    rule = CONFIG_RULES.get(key.rsplit(".", 1)[-1])
+    numeric = rule is not None and (preset is None or isinstance(preset, (int, float, list, tuple))) \
+        and not isinstance(preset, bool)
+    if not _same_type(value, preset):
+        expected = rule.describe() if numeric else _type_name(preset)
+        raise UserError(f"{path}: --cfg-options {key}={value!r}: expected {expected} (preset value {preset!r}), "
+                        f"got {_type_name(value)}")
+    if not numeric:
+        return
+    if value is None:
+        if preset is None or rule.nullable:
+            return
+    elif rule.ok(value):
+        return
+    expected = rule.describe() + (" (or None)" if preset is None and not rule.nullable else "")
+    raise UserError(f"{path}: --cfg-options {key}={value!r}: expected {expected} (preset value {preset!r})")
+
+
+def check_config_values(path: str | os.PathLike, cfg_dict: dict, prefix: str = "") -> None:
+    """Check every field of a resolved config (a preset, a ``--config FILE``, after overrides) that has
+    a range rule (:data:`CONFIG_RULES`); None is left to the command (it means "derive it").
+
+    Raises:
+        UserError: one line naming the config file, the key, the value and what is expected.
+    """
+    for k, v in cfg_dict.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            check_config_values(path, v, key + ".")
+            continue
+        rule = CONFIG_RULES.get(str(k))
+        if rule is not None and v is not None and not rule.ok(v):
+            raise UserError(f"{path}: config {key}={v!r}: expected {rule.describe()}")
 
 
 def config_hash(cfg_dict: dict) -> str:

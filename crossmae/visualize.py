@@ -501,6 +501,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if not args.mae and not args.crossmae:
         raise UserError("nothing to visualise: give --mae CKPT and/or --crossmae CKPT")
+    if args.input_size is not None and args.input_size < 1:
+        raise UserError(f"--input-size {args.input_size}: expected a positive number of pixels")
     if args.num_images < 1:
         raise UserError(f"--num-images must be ≥ 1, got {args.num_images}")
     if args.model and args.mae and args.crossmae:

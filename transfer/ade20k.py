@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
             sizes, label values), bad checkpoint, finished output dir.
     """
     args = build_parser().parse_args(argv)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError(f"--stop-after {args.stop_after}: expected a positive number of iterations")
     cfg = resolve_config(args, PRESET_DIR)
     _check_config(cfg)
     rank, world, _ = init_distributed()

@@ -168,7 +168,31 @@ def _inat_cats(d: dict, path: Path) -> tuple[list[int], list[dict]]:
     return ids, [cats[i] for i in ids]
 
 
-def load_inat2019(root: str | os.PathLike, split: str, check_files: bool = True) -> ClassificationData:
+def check_same_categories(path: str | os.PathLike, ids: Sequence, names: Sequence[str],
+                          train_categories: Sequence[tuple]) -> None:
+    """Refuse a val json whose categories are not the train json's, matched by id AND name (class
+    index k must mean the same species in both splits; equal counts are not enough).
+
+    Args:
+        path: the val json. ids, names: its sorted category ids and their names.
+        train_categories: ``(id, name)`` pairs of the train split, in class-index order.
+
+    Raises:
+        UserError: one line naming the json and the first differing category.
+    """
+    train = [(i, str(n)) for i, n in train_categories]
+    val = [(i, str(n)) for i, n in zip(ids, names)]
+    for k in range(max(len(train), len(val))):
+        t = train[k] if k < len(train) else None
+        v = val[k] if k < len(val) else None
+        if t != v:
+            show = lambda c: "none" if c is None else f"id {c[0]!r} {c[1]!r}"
+            raise UserError(f"{path}: categories differ from the train split's at class {k}: val has {show(v)}, "
+                            f"train has {show(t)}")
+
+
+def load_inat2019(root: str | os.PathLike, split: str, check_files: bool = True,
+                  train_categories: Sequence[tuple] | None = None) -> ClassificationData:
     """Read iNaturalist 2019 ``train2019.json`` / ``val2019.json`` (official layout).
 
     Class index = position of ``category_id`` in the sorted category ids of the same file (the
@@ -178,7 +202,9 @@ def load_inat2019(root: str | os.PathLike, split: str, check_files: bool = True)
     Raises:
         UserError: file missing / invalid JSON, an entry without required keys, an annotation whose
             ``category_id`` is not in ``categories`` or whose ``image_id`` is unknown, an image with no
-            or several annotations, or an image file that does not exist (names ``images[i]``).
+            or several annotations, or an image file that does not exist (names ``images[i]``); with
+            ``train_categories`` (the train split's ``(id, name)`` pairs), categories that differ from
+            them (:func:`check_same_categories`).
     """
     root = Path(root)
     if split not in INAT_FILES:
@@ -186,6 +212,8 @@ def load_inat2019(root: str | os.PathLike, split: str, check_files: bool = True)
     path = root / INAT_FILES[split]
     d = _read_json(path)
     ids, cats = _inat_cats(d, path)
+    if train_categories is not None:
+        check_same_categories(path, ids, [c.get("name", c["id"]) for c in cats], train_categories)
     cat_index = {cid: k for k, cid in enumerate(ids)}
     images = {}
     for i, im in enumerate(d["images"]):
@@ -293,12 +321,14 @@ def load_places365(root: str | os.PathLike, split: str, check_files: bool = True
 # dispatch
 # --------------------------------------------------------------------------------------------------
 def load_split(dataset_type: str, root: str | os.PathLike, split: str, *, num_classes: int | None = None,
-               train_classes: Sequence[str] | None = None, check_files: bool = True) -> ClassificationData:
+               train_classes: Sequence[str] | None = None, check_files: bool = True,
+               train_categories: Sequence[tuple] | None = None) -> ClassificationData:
     """Load ``split`` of a dataset of ``dataset_type`` (one of :data:`DATASET_TYPES`).
 
     Args:
         num_classes: the head's class count from the config (``None`` = take the dataset's).
         train_classes: for ImageFolder val, the train split's class list.
+        train_categories: for iNat val, the train split's ``(category id, name)`` pairs.
 
     Raises:
         UserError: any problem of the layout, or ``num_classes`` disagreeing with the dataset's class
@@ -311,7 +341,7 @@ def load_split(dataset_type: str, root: str | os.PathLike, split: str, *, num_cl
         data = load_imagefolder(root, split, train_classes)
         cat_src = str(root / "train")
     elif dataset_type == "inat2019":
-        data = load_inat2019(root, split, check_files)
+        data = load_inat2019(root, split, check_files, train_categories)
         cat_src = data.source + " 'categories'"
     elif dataset_type == "places365":
         data = load_places365(root, split, check_files)
@@ -330,7 +360,9 @@ def load_train_val(data_cfg: dict, data_root: str | os.PathLike) -> tuple[Classi
     root = Path(data_root) / data_cfg["root"]
     kw = dict(num_classes=data_cfg.get("num_classes"), check_files=data_cfg.get("check_files", True))
     train = load_split(data_cfg["type"], root, data_cfg.get("train_split", "train"), **kw)
-    val = load_split(data_cfg["type"], root, data_cfg.get("val_split", "val"), train_classes=train.classes, **kw)
+    train_cats = list(zip(train.extra["category_ids"], train.classes)) if "category_ids" in train.extra else None
+    val = load_split(data_cfg["type"], root, data_cfg.get("val_split", "val"), train_classes=train.classes,
+                     train_categories=train_cats, **kw)
     if val.num_classes != train.num_classes:
         raise UserError(f"{val.source}: {val.num_classes} classes, train split has {train.num_classes}")
     return train, val

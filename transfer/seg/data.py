@@ -8,8 +8,9 @@ Layout (``mmseg/datasets/ade.py``, ``configs/_base_/datasets/ade20k.py``)::
 
 Pipelines (protocol elements and their mmseg source):
 
-* ``LoadImageFromFile`` (cv2, BGR uint8) and ``LoadAnnotations(reduce_zero_label=True)``
-  (``mmseg/datasets/transforms/loading.py``): label 0 → 255, others −1 (:func:`reduce_zero_label`);
+* ``LoadImageFromFile`` (BGR uint8; mmcv decodes with cv2, here strictly with :func:`read_bgr`) and
+  ``LoadAnnotations(reduce_zero_label=True)`` (``mmseg/datasets/transforms/loading.py``): label 0 → 255,
+  others −1 (:func:`reduce_zero_label`);
 * train: ``RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True)`` (mmcv),
   ``RandomCrop(512, cat_max_ratio=0.75)``, ``RandomFlip(0.5)``, ``PhotoMetricDistortion``
   (``mmseg/datasets/transforms/transforms.py``), then ``SegDataPreProcessor`` (BGR→RGB,
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from crossmae.data import load_rgb
 from crossmae.utils import UserError
 
 IGNORE_INDEX = 255
@@ -121,6 +123,18 @@ def scan_split(root: Path, split: str, check_sizes: bool = True) -> list[Sample]
     return out
 
 
+def read_bgr(path: str | Path) -> np.ndarray:
+    """Decode an image strictly with the suite's decoder (:func:`crossmae.data.load_rgb`: PIL, a
+    truncated or corrupt file is an error, never a grey-filled image as ``cv2.imread`` gives) and
+    return it as mmcv's ``LoadImageFromFile`` does: BGR uint8 ``(H, W, 3)``, C-contiguous. On the
+    bundled ADE20K-layout images the pixels equal ``cv2.imread(path, cv2.IMREAD_COLOR)``'s.
+
+    Raises:
+        UserError: the file cannot be read or fully decoded (names the file).
+    """
+    return np.ascontiguousarray(np.asarray(load_rgb(str(path)))[:, :, ::-1])
+
+
 def load_pair(s: Sample, num_classes: int, do_reduce_zero_label: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Read one pair: BGR uint8 image ``(H, W, 3)`` and label ``(H, W)`` uint8 (reduced).
 
@@ -128,9 +142,7 @@ def load_pair(s: Sample, num_classes: int, do_reduce_zero_label: bool = True) ->
         UserError: unreadable file, size mismatch, a non-single-channel annotation, or a label
             value ≥ ``num_classes`` that is not the ignore value 255.
     """
-    img = cv2.imread(str(s.image), cv2.IMREAD_COLOR)
-    if img is None:
-        raise UserError(f"{s.image}: cannot decode image")
+    img = read_bgr(s.image)
     try:
         with Image.open(s.annotation) as an:
             label = np.array(an)

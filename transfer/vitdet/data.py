@@ -63,9 +63,7 @@ class CocoInstances(Dataset):
         self.train = train
         self.transform = transform
         data = _read_json(self.ann_file)
-        for key in ("images", "annotations", "categories"):
-            if key not in data or not isinstance(data[key], list):
-                raise UserError(f"{self.ann_file}: not a COCO instances file (no '{key}' list)")
+        validate_coco_json(self.ann_file, data)
         self.cat_ids = sorted(int(c["id"]) for c in data["categories"])
         self.cat_names = {int(c["id"]): c.get("name", str(c["id"])) for c in data["categories"]}
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
@@ -172,6 +170,65 @@ class CocoInstances(Dataset):
         out["image"] = image.float()
         out["target"] = target
         return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def validate_coco_json(path: Path, data: dict) -> None:
+    """Check the fields of a COCO instances json that loading, training and COCOeval rely on.
+
+    ``images``, ``annotations`` and ``categories`` must be lists; every image needs an integer ``id``
+    (unique), a string ``file_name`` and positive integer ``height`` / ``width``; every category an
+    integer ``id``; every annotation an ``id``, integer ``image_id`` / ``category_id`` and a ``bbox``
+    of four finite numbers ``[x, y, width, height]`` with width, height >= 0 (the COCO format,
+    cocodataset.org/#format-data; pycocotools and detectron2 ``load_coco_json`` assume it).
+
+    Raises:
+        UserError: one line naming the json file and the offending entry (list index and id).
+    """
+    for key in ("images", "annotations", "categories"):
+        if key not in data or not isinstance(data[key], list):
+            raise UserError(f"{path}: not a COCO instances file (no '{key}' list)")
+    seen: set = set()
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict):
+            raise UserError(f"{path}: images[{i}] is not an object")
+        where = f"{path}: images[{i}] (id {im.get('id')})"
+        if not _is_int(im.get("id")):
+            raise UserError(f"{where}: needs an integer 'id'")
+        if im["id"] in seen:
+            raise UserError(f"{where}: duplicate image id")
+        seen.add(im["id"])
+        if not isinstance(im.get("file_name"), str):
+            raise UserError(f"{where}: needs a string 'file_name'")
+        for k in ("height", "width"):
+            if not _is_int(im.get(k)) or im[k] <= 0:
+                raise UserError(f"{where}: needs a positive integer '{k}', got {im.get(k)!r}")
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or not _is_int(c.get("id")):
+            raise UserError(f"{path}: categories[{i}]: needs an integer 'id'")
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict):
+            raise UserError(f"{path}: annotations[{i}] is not an object")
+        where = f"{path}: annotations[{i}] (id {a.get('id')})"
+        if "id" not in a:
+            raise UserError(f"{path}: annotations[{i}]: needs an 'id'")
+        for k in ("image_id", "category_id"):
+            if not _is_int(a.get(k)):
+                raise UserError(f"{where}: needs an integer '{k}', got {a.get(k)!r}")
+        box = a.get("bbox")
+        if box is None:
+            raise UserError(f"{where}: needs a 'bbox' [x, y, width, height]")
+        if not isinstance(box, list) or len(box) != 4 or not all(_is_num(v) for v in box):
+            raise UserError(f"{where}: bbox {box!r} is not four numbers [x, y, width, height]")
+        if box[2] < 0 or box[3] < 0:
+            raise UserError(f"{where}: bbox {box!r} has a negative width or height")
 
 
 def _read_json(path: Path) -> dict:
