@@ -264,7 +264,7 @@ def _rules(names: str, rule: _Rule) -> dict[str, _Rule]:
 
 #: Range rules by field name (the last part of a dotted key), built from every configs/*/ preset:
 #: counts and sizes are positive integers, workers / warm-up lengths / periods that may be 0 are
-#: non-negative integers, learning rates are positive, decays and loss weights non-negative, ratios,
+#: non-negative integers, learning rates are non-negative, decays and loss weights non-negative, ratios,
 #: probabilities and thresholds lie in [0, 1]. A field whose preset value is None accepts None.
 CONFIG_RULES: dict[str, _Rule] = {
     **_rules("batch_size total_batch_size batch_size_per_device batch_size_per_image extract_batch_size "
@@ -276,7 +276,8 @@ CONFIG_RULES: dict[str, _Rule] = {
     **_rules("num_workers warmup_epochs warmup_iters save_freq snapshot_freq save_interval val_interval "
              "eval_period log_freq keep_checkpoints num_overlays aux_num_convs conv_depth sampling_ratio "
              "recount aux_in_index", _Rule(int, 0)),
-    **_rules("blr lr temperature mlp_ratio head_init_std gamma power", _Rule(float, 0, lo_open=True)),
+    **_rules("blr lr", _Rule(float, 0)),   # 0 is a frozen run (tests use it), negative is an error
+    **_rules("temperature mlp_ratio head_init_std gamma power", _Rule(float, 0, lo_open=True)),
     **_rules("warmup_factor warmup_start_factor layer_decay", _Rule(float, 0, 1, lo_open=True)),
     **_rules("min_lr weight_decay mixup cutmix smooth_l1_beta aux_loss_weight", _Rule(float, 0)),
     **_rules("weight_decay_norm weight_decay_bias clip_grad grad_clip", _Rule(float, 0, nullable=True)),
