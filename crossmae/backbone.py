@@ -355,7 +355,7 @@ def load_encoder_state_dict(path: str | Path, *, arch: str | None = None, img_si
         if not torch.isfinite(v).all():
             raise BackboneLoadError(f"{path}: non-finite values (nan/inf) in {k}")
     pe = enc["pos_embed"]
-    if pe.ndim != 3 or pe.shape[-1] != width:
+    if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[-1] != width:
         raise BackboneLoadError(f"{path}: pos_embed has shape {tuple(pe.shape)}, expected (1, 1+N, {width})")
     n_patch = pe.shape[1] - 1
     old = int(round(n_patch ** 0.5))

@@ -297,6 +297,8 @@ BAD_TENSORS = {
                    "blocks.0.norm2.bias has shape (32,), expected (64,)"),
     "cls token": (lambda sd: sd.update({"cls_token": sd["cls_token"].reshape(1, 64)}),
                   "cls_token has shape (1, 64), expected (1, 1, 64)"),
+    "pos_embed batch": (lambda sd: sd.update({"pos_embed": sd["pos_embed"].repeat(2, 1, 1)}),
+                        "pos_embed has shape (2, 17, 64), expected (1, 1+N, 64)"),
 }
 
 
