@@ -87,7 +87,7 @@ def test_lsj_consistent_and_deterministic(coco):
         assert torch.equal(t["boxes"], polygon_boxes(polys))
         # the rasterised masks fit their float boxes (within the rasteriser's pixel rounding; a tiny
         # instance may rasterise to nothing and is kept, as detectron2 keeps its polygon)
-        mb, nz = boxes_from_masks(t["masks"]), t["masks"].flatten(1).any(1)
+        mb, nz = boxes_from_masks(t["masks"]), t["masks"].flatten(1).bool().any(1)
         assert bool(((mb - t["boxes"])[nz].abs() <= 2.0).all())
         assert t["labels"].shape[0] == t["boxes"].shape[0]
 
