@@ -21,6 +21,8 @@ setup(
         "timm==1.0.31",
         "submitit==1.5.4",
         "pycocotools>=2.0.8",
+        # polygon crop of the COCO LSJ (detectron2/fvcore CropTransform.apply_polygons uses shapely)
+        "shapely>=2.0",
         # mmengine's Config (Python configs, _base_, --cfg-options); 0.10.x is the current line.
         "mmengine==0.10.7",
         "tensorboard>=2.14",
@@ -33,5 +35,8 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.5"],
         "test": ["pytest>=8.0"],
+        # pure-Python dependencies of a detectron2 source tree, for tests/test_coco_parity.py
+        # (DETECTRON2_SRC=<checkout>); detectron2 itself is on no registry and is never installed
+        "detectron2-parity": ["fvcore", "iopath", "omegaconf", "hydra-core"],
     },
 )

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -45,8 +45,12 @@ def build_pretrain_transform(input_size: int) -> transforms.Compose:
     ])
 
 
-def load_rgb(path: str) -> Image.Image:
+def load_rgb(path: str, exif_transpose: bool = False) -> Image.Image:
     """Open and fully decode ``path`` as an RGB PIL image (greyscale / CMYK / palette converted).
+
+    ``exif_transpose``: apply the EXIF orientation tag (``PIL.ImageOps.exif_transpose``), as
+    detectron2's ``read_image`` does for COCO; off by default (torchvision's ImageFolder loader,
+    used by MAE, does not).
 
     Raises:
         CorruptImageError: the file cannot be read or decoded (truncated, not an image, …).
@@ -54,6 +58,8 @@ def load_rgb(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
             return img.convert("RGB")  # convert() forces the full decode inside the try
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise CorruptImageError(f"{path}: cannot decode image ({type(exc).__name__}: "

@@ -151,6 +151,7 @@ def test_training_iterations_reduce_loss(data_root, tiny_mae_official):
         sy, sx = img.shape[-2] / h0, img.shape[-1] / w0
         t["boxes"] = t["boxes"] * torch.tensor([sx, sy, sx, sy])
         t["masks"] = torch.nn.functional.interpolate(t["masks"][None].float(), size=img.shape[-2:])[0].to(torch.uint8)
+        t["poly_xy"] = t["poly_xy"] * torch.tensor([sx, sy], dtype=torch.float64)
         images.append(img.float())
         targets.append(t)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)

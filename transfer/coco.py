@@ -131,7 +131,8 @@ def evaluate(model, dataset, device, cfg, out: Path, tag: str, log: logging.Logg
     for batch in loader:
         _check_batch(batch)
         images = [b["image"].to(device) for b in batch]
-        with _amp(device, cfg.train):
+        # fp32 by default, as detectron2's evaluation; test.amp=True runs it under train.amp_dtype
+        with _amp(device, {"amp": cfg.test.get("amp", False), "amp_dtype": cfg.train.get("amp_dtype", "bfloat16")}):
             dets = net(images, orig_sizes=[b["orig_size"] for b in batch])
         for b, d in zip(batch, dets):
             results += instances_to_coco_json(d, b["image_id"], dataset.label_to_cat_id)

@@ -71,4 +71,5 @@ train = dict(
     keep_checkpoints=2,
 )
 
-test = dict(batch_size=1)
+test = dict(batch_size=1,
+            amp=False)                     # detectron2 evaluates in fp32; True = autocast in train.amp_dtype (CUDA)

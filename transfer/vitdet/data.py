@@ -3,14 +3,16 @@
 Protocol sources (detectron2): ``data/datasets/coco.py: load_coco_json`` (category mapping,
 polygon/RLE handling, invalid polygons), ``data/build.py: get_detection_dataset_dicts``
 (``filter_empty``: drop training images without non-crowd instances), ``data/dataset_mapper.py``
-(crowd instances are not training targets; ``recompute_boxes``: boxes from the transformed masks;
-``filter_empty_instances``), ``data/transforms/augmentation_impl.py`` (``RandomFlip``,
+(crowd instances are not training targets; ``recompute_boxes``: boxes from the transformed polygons;
+``filter_empty_instances``), ``data/detection_utils.py`` (``read_image``: EXIF orientation applied;
+``transform_instance_annotations``), ``data/transforms/augmentation_impl.py`` (``RandomFlip``,
 ``ResizeScale``, ``FixedSizeCrop``, ``ResizeShortestEdge``), ``data/samplers/distributed_sampler.py:
 TrainingSampler`` and ViTDet's ``configs/common/coco_loader_lsj.py``.
 
-Images are decoded with PIL to RGB uint8; masks are rasterised from polygons / RLE with pycocotools
-at the image's size and transformed with the image by ``torchvision.transforms.v2`` (nearest for masks,
-bilinear + antialias for images).
+Images are decoded with PIL to RGB uint8 with their EXIF orientation applied (as detectron2) and
+resized by PIL bilinear (detectron2's ``ResizeTransform``). Polygons are transformed exactly
+(``transfer/vitdet/masks.py``), boxes come from the transformed polygons, and the polygons travel
+with the targets for polygon mask targets; RLE (crowd) masks are bitmasks transformed with the image.
 """
 from __future__ import annotations
 
@@ -21,13 +23,14 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
+
+from PIL import Image
 
 from crossmae.data import load_rgb
 
 from crossmae.utils import UserError
+
+from .masks import crop_polygons, pack_polygons, polygon_boxes, rasterize_polygons, unpack_polygons
 
 
 class CocoInstances(Dataset):
@@ -47,7 +50,9 @@ class CocoInstances(Dataset):
         images: the kept image records (json dicts).
 
     Items: ``{"image": (3, H, W) float32 0..255 RGB, "target": {"boxes": (G, 4) XYXY float32,
-    "labels": (G,) int64, "masks": (G, H, W) uint8}, "image_id": int, "orig_size": (H0, W0),
+    "labels": (G,) int64, "masks": (G, H, W) uint8, "poly_xy" / "poly_len" / "poly_inst": the
+    polygons of the polygon instances packed as tensors (``transfer.vitdet.masks.pack_polygons``)},
+    "image_id": int, "orig_size": (H0, W0),
     "error": None | str}``. A decode failure is reported in ``error`` (raised as ``UserError`` by the
     caller in the main process), never as a worker traceback.
 
@@ -127,7 +132,7 @@ class CocoInstances(Dataset):
 
         info = self.images[index]
         path = self.image_dir / info["file_name"]
-        arr = np.asarray(load_rgb(str(path))).copy()
+        arr = np.asarray(load_rgb(str(path), exif_transpose=True)).copy()  # detectron2 read_image
         h, w = arr.shape[:2]
         if (h, w) != (int(info["height"]), int(info["width"])):
             raise UserError(f"{path}: image is {w}x{h} but {self.ann_file.name} says {info['width']}x{info['height']}")
@@ -146,7 +151,10 @@ class CocoInstances(Dataset):
             masks[i] = mask_util.decode(rle)
         target = {"boxes": boxes, "labels": torch.tensor([self.cat_to_label[int(a["category_id"])] for a in anns],
                                                          dtype=torch.int64),
-                  "masks": torch.from_numpy(masks)}
+                  "masks": torch.from_numpy(masks),
+                  # polygon instances also carry their polygons (image pixels), RLE ones do not
+                  **pack_polygons([[np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in a["segmentation"]]
+                                   if isinstance(a["segmentation"], list) else [] for a in anns])}
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), target
 
     def __getitem__(self, index):
@@ -247,37 +255,35 @@ def _read_json(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------------
 # transforms
 # --------------------------------------------------------------------------------------------------
-class FixedSizeCrop(torch.nn.Module):
-    """detectron2 ``FixedSizeCrop(crop_size, pad=False)``: if the image is larger than ``size`` in a
-    dimension, crop a window of ``size`` there at offset ``round(U(0,1) * (H - size))``; no padding
-    (the detector pads to the square). Boxes are clipped (masks are cropped with the image)."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def forward(self, image, target):
-        h, w = image.shape[-2:]
-        max_off = torch.tensor([max(h - self.size, 0), max(w - self.size, 0)], dtype=torch.float64)
-        off = torch.round(max_off * torch.rand(1, dtype=torch.float64)).long().tolist()
-        ch, cw = min(h, self.size), min(w, self.size)
-        if (ch, cw) == (h, w):
-            return image, target
-        image, target = TF.crop(image, off[0], off[1], ch, cw), dict(target)
-        target["boxes"] = TF.crop(target["boxes"], off[0], off[1], ch, cw)
-        target["masks"] = TF.crop(target["masks"], off[0], off[1], ch, cw)
-        return image, target
+def _pil_resize(arr: np.ndarray, hw: tuple[int, int], resample) -> np.ndarray:
+    """PIL resize of a uint8 (H, W[, C]) array to ``hw`` (detectron2 ``ResizeTransform.apply_image``:
+    PIL bilinear for images, PIL nearest for segmentation bitmasks)."""
+    return np.asarray(Image.fromarray(arr).resize((hw[1], hw[0]), resample))
 
 
 class LSJ(torch.nn.Module):
-    """Large-scale jitter of ViTDet (``coco_loader_lsj.py``): RandomFlip (horizontal, p=0.5) ->
-    ResizeScale(scale U(0.1, 2.0) of 1024², keep aspect) -> FixedSizeCrop(1024, pad=False) ->
-    boxes recomputed from the masks (``recompute_boxes``) -> drop empty instances
-    (``filter_empty_instances``: box side <= 1e-5 or empty mask).
+    """Large-scale jitter of ViTDet (``coco_loader_lsj.py``) with detectron2's geometry:
+    RandomFlip (horizontal, p=0.5) -> ResizeScale(scale U(0.1, 2.0) of 1024², keep aspect) ->
+    FixedSizeCrop(1024, pad=False) -> boxes recomputed from the transformed polygons
+    (``recompute_boxes``) -> drop empty instances (``filter_empty_instances``).
 
-    ResizeScale: ``s = U(lo, hi)``, ``scale = min(S*s/H, S*s/W)``, output ``round(H*scale)`` ×
-    ``round(W*scale)``. Image bilinear (antialias), masks nearest.
-    Call: ``(image uint8 (3,H,W), target) -> (image, target)``.
+    - ResizeScale: ``s = U(lo, hi)``, ``scale = min(S*s/H, S*s/W)``, output ``round(H*scale)`` ×
+      ``round(W*scale)``; the image is resized by PIL bilinear (as detectron2, pixel-exact).
+    - FixedSizeCrop: offset ``round(U(0, 1) * max(size - S, 0))`` per axis; the crop window is always
+      S × S (smaller images are not padded), and polygons are intersected with it.
+    - Polygons are transformed exactly (fvcore ``HFlipTransform`` ``x -> W - x``,
+      ``ResizeTransform`` ``x * W'/W``, ``CropTransform`` shapely intersection, see
+      :func:`transfer.vitdet.masks.crop_polygons`); a polygon instance's box is the min / max of its
+      transformed vertices and its ``masks`` plane is the polygons rasterised at the output size.
+      RLE instances (no polygons) have their bitmask flipped, PIL-nearest resized and cropped, and
+      their box is the tight box of that mask (``BitMasks.get_bounding_boxes``).
+    - An instance is dropped when its box side is <= 1e-5 or it has no polygon left (polygon
+      instances) / no mask pixel (RLE instances).
+
+    Random draws, in this order from torch's RNG: flip ``rand() < flip_prob``, ``s``, crop ``U``;
+    :meth:`draw` returns them and :meth:`apply` applies given draws (for parity tests).
+    Call: ``(image uint8 (3,H,W), target) -> (image uint8 (3,H',W'), target)``; target keys
+    ``boxes`` (G, 4), ``labels`` (G,), ``masks`` (G, H', W') uint8 and the packed polygons.
     """
 
     def __init__(self, size: int = 1024, scale_range=(0.1, 2.0), flip_prob: float = 0.5):
@@ -285,28 +291,63 @@ class LSJ(torch.nn.Module):
         self.size = size
         self.scale_range = tuple(scale_range)
         self.flip_prob = flip_prob
-        self.crop = FixedSizeCrop(size)
 
-    def forward(self, image, target):
-        h, w = image.shape[-2:]
-        boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(h, w))
-        masks = tv_tensors.Mask(target["masks"])
-        image = tv_tensors.Image(image)
-        if torch.rand(1).item() < self.flip_prob:
-            image, boxes, masks = TF.horizontal_flip(image), TF.horizontal_flip(boxes), TF.horizontal_flip(masks)
+    def draw(self) -> tuple[bool, float, float]:
+        """``(flip, s, u)`` from torch's global RNG."""
+        flip = torch.rand(1).item() < self.flip_prob
         lo, hi = self.scale_range
         s = lo + torch.rand(1).item() * (hi - lo)
+        u = torch.rand(1, dtype=torch.float64).item()
+        return flip, s, u
+
+    def forward(self, image, target):
+        return self.apply(image, target, *self.draw())
+
+    def apply(self, image: torch.Tensor, target: dict, flip: bool, s: float, u: float):
+        """Apply the LSJ with the given draws (flip, scale factor ``s``, crop uniform ``u``)."""
+        h, w = image.shape[-2:]
+        g = target["labels"].shape[0]
+        img = image.permute(1, 2, 0).numpy()
+        polys = unpack_polygons(target, g)
+        is_poly = [len(p) > 0 for p in polys]
+        bits = [target["masks"][i].numpy() if not is_poly[i] else None for i in range(g)]
+        # flip
+        if flip:
+            img = img[:, ::-1]
+            polys = [[np.stack([w - p[:, 0], p[:, 1]], 1) for p in ps] for ps in polys]
+            bits = [None if b is None else b[:, ::-1] for b in bits]
+        # resize
         scale = min(self.size * s / h, self.size * s / w)
-        nh, nw = max(int(round(h * scale)), 1), max(int(round(w * scale)), 1)
-        image = TF.resize(image, [nh, nw], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-        boxes = TF.resize(boxes, [nh, nw])
-        masks = TF.resize(masks, [nh, nw], interpolation=v2.InterpolationMode.NEAREST)
-        image, t = self.crop(image, {"boxes": boxes, "masks": masks})
-        masks = t["masks"].as_subclass(torch.Tensor)
-        boxes = boxes_from_masks(masks)
-        keep = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5) & masks.flatten(1).bool().any(1)
-        return image.as_subclass(torch.Tensor), {"boxes": boxes[keep], "labels": target["labels"][keep],
-                                                 "masks": masks[keep]}
+        nh, nw = int(np.round(h * scale)), int(np.round(w * scale))
+        img = _pil_resize(np.ascontiguousarray(img), (nh, nw), Image.BILINEAR)
+        polys = [[p * np.array([nw * 1.0 / w, nh * 1.0 / h]) for p in ps] for ps in polys]
+        bits = [None if b is None else _pil_resize(np.ascontiguousarray(b), (nh, nw), Image.NEAREST) for b in bits]
+        # crop (window always size × size, detectron2 FixedSizeCrop(pad=False))
+        off = np.round(np.maximum(np.array([nh, nw]) - self.size, 0) * u).astype(int)
+        y0, x0 = int(off[0]), int(off[1])
+        img = img[y0:y0 + self.size, x0:x0 + self.size]
+        ch, cw = img.shape[:2]
+        polys = [crop_polygons(ps, x0, y0, self.size, self.size) if is_poly[i] else [] for i, ps in enumerate(polys)]
+        bits = [None if b is None else b[y0:y0 + self.size, x0:x0 + self.size] for b in bits]
+        # boxes and masks from the exact geometry, then filter_empty_instances
+        boxes = polygon_boxes(polys)
+        masks = np.zeros((g, ch, cw), dtype=np.uint8)
+        nonempty = torch.zeros(g, dtype=torch.bool)
+        for i in range(g):
+            if is_poly[i]:
+                masks[i] = rasterize_polygons(polys[i], ch, cw)
+                nonempty[i] = len(polys[i]) > 0
+            else:
+                masks[i] = bits[i]
+                nonempty[i] = bool(bits[i].any())
+        if g and not all(is_poly):
+            rle = torch.tensor([not p for p in is_poly])
+            boxes[rle] = boxes_from_masks(torch.from_numpy(masks[rle.numpy()]))
+        keep = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5) & nonempty
+        kept = keep.nonzero()[:, 0].tolist()
+        out = {"boxes": boxes[keep], "labels": target["labels"][keep], "masks": torch.from_numpy(masks[keep.numpy()]),
+               **pack_polygons([polys[i] for i in kept])}
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), out
 
 
 def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
@@ -327,8 +368,9 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
 
 class ResizeShortestEdge(torch.nn.Module):
     """detectron2 ``ResizeShortestEdge(short, max_size)`` at test time: ``scale = short/min(H,W)``,
-    reduced so that ``max(H,W)*scale <= max_size``; output ``int(H*scale + 0.5)`` × ``int(W*scale + 0.5)``.
-    Only the image is resized (predictions are mapped back to the original size by the detector)."""
+    reduced so that ``max(H,W)*scale <= max_size``; output ``int(H*scale + 0.5)`` × ``int(W*scale + 0.5)``,
+    PIL bilinear (detectron2 ``ResizeTransform``). Only the image is resized (predictions are mapped
+    back to the original size by the detector)."""
 
     def __init__(self, short: int = 1024, max_size: int = 1024):
         super().__init__()
@@ -340,8 +382,8 @@ class ResizeShortestEdge(torch.nn.Module):
         if max(h, w) * scale > self.max_size:
             scale = self.max_size / max(h, w)
         nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
-        image = TF.resize(image, [nh, nw], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-        return image, target
+        img = _pil_resize(image.permute(1, 2, 0).contiguous().numpy(), (nh, nw), Image.BILINEAR)
+        return torch.from_numpy(img.copy()).permute(2, 0, 1).contiguous(), target
 
 
 def collate(batch: list[dict]) -> list[dict]:

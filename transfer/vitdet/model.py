@@ -21,11 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_image
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import roi_align
 
 from .backbone import ConvLN, SimpleFeaturePyramid, ViTDetViT, _c2_msra_fill
+from .masks import paste_masks
 
 
 class ExactAnchorGenerator(AnchorGenerator):
@@ -77,6 +78,47 @@ class ViTDetRPN(RegionProposalNetwork):
         box_loss = _smooth_l1(pred_bbox_deltas[pos], regression_targets[pos], self.smooth_l1_beta) / normalizer
         obj_loss = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled], reduction="sum")
         return obj_loss / normalizer, box_loss
+
+
+    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        """detectron2 ``find_top_rpn_proposals``: per level the ``pre_nms_top_n`` highest objectness
+        *logits*, clip to the image, drop boxes with a side <= 0 (``Boxes.nonempty``), NMS per level
+        ranked by the logits, keep the ``post_nms_top_n`` best per image.
+
+        torchvision ranks NMS and the final top-k by ``sigmoid(logit)``, which saturates to exactly
+        1.0 in fp32 above a logit of ~16.6 and then breaks ties by index; it also drops sides
+        < 1e-3 px. Non-finite boxes or logits raise ``FloatingPointError`` in training and are
+        dropped at test time (detectron2).
+
+        Args:
+            proposals: (N, A, 4) decoded boxes; objectness: (N*A, 1) or (N, A) logits;
+            num_anchors_per_level: anchors of each level (their sum is A).
+        Returns:
+            (boxes, logits): per image (k, 4) boxes and (k,) logits, sorted by decreasing logit.
+        """
+        from torchvision.ops import boxes as box_ops
+
+        n = proposals.shape[0]
+        objectness = objectness.detach().reshape(n, -1)
+        levels = torch.cat([torch.full((k,), i, dtype=torch.int64, device=proposals.device)
+                            for i, k in enumerate(num_anchors_per_level)])
+        top_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        batch = torch.arange(n, device=proposals.device)[:, None]
+        objectness, levels, proposals = objectness[batch, top_idx], levels[top_idx], proposals[batch, top_idx]
+        final_boxes, final_scores = [], []
+        for boxes, scores, lvl, hw in zip(proposals, objectness, levels, image_shapes):
+            valid = torch.isfinite(boxes).all(1) & torch.isfinite(scores)
+            if not valid.all():
+                if self.training:
+                    raise FloatingPointError("RPN boxes or logits contain Inf/NaN: training has diverged")
+                boxes, scores, lvl = boxes[valid], scores[valid], lvl[valid]
+            boxes = box_ops.clip_boxes_to_image(boxes, hw)
+            keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = box_ops.batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
 
 
 def _smooth_l1(x: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
@@ -205,9 +247,9 @@ class ViTDetRoIHeads(RoIHeads):
     - ``loss_cls``: cross entropy, mean over the sampled RoIs;
     - ``loss_box_reg``: smooth-L1 with ``smooth_l1_beta`` (0 → L1) summed over foreground RoIs of the
       GT class, divided by the number of sampled RoIs (``fast_rcnn.py``);
-    - ``loss_mask``: per-pixel BCE of the GT-class logit map, mean, with 28×28 targets cropped from
-      the GT bitmasks by ``roi_align(aligned=True)`` thresholded at 0.5 (detectron2
-      ``BitMasks.crop_and_resize``; torchvision uses aligned=False).
+    - ``loss_mask``: per-pixel BCE of the GT-class logit map, mean, with 28×28 targets rasterised
+      from the GT polygons inside each RoI (detectron2 ``PolygonMasks.crop_and_resize``); instances
+      without polygons (RLE) use an aligned crop of their bitmask (``BitMasks.crop_and_resize``).
 
     ``forward(features, proposals, image_shapes, targets)`` returns ``(detections, losses)``;
     detections: boxes (n, 4), scores (n,), labels (n,) 1..K, mask_probs (n, 1, 28, 28).
@@ -239,8 +281,7 @@ class ViTDetRoIHeads(RoIHeads):
                 pos_labels.append(lab[keep])
                 pos_gt.append(m[keep])
             mask_logits = self.mask_head(self.mask_roi_pool(features, pos_boxes, image_shapes))
-            losses["loss_mask"] = self.mask_loss(mask_logits, pos_boxes, pos_labels, pos_gt,
-                                                 [t["masks"] for t in targets])
+            losses["loss_mask"] = self.mask_loss(mask_logits, pos_boxes, pos_labels, pos_gt, targets)
             return result, losses
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
         mask_logits = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
@@ -251,21 +292,19 @@ class ViTDetRoIHeads(RoIHeads):
         return result, losses
 
     @staticmethod
-    def mask_loss(mask_logits, boxes, labels, gt_idx, gt_masks) -> torch.Tensor:
-        """BCE of the GT-class logits against aligned 28×28 crops of the GT masks; 0·sum when there is
-        no foreground RoI (detectron2 ``mask_rcnn_loss``)."""
+    def mask_loss(mask_logits, boxes, labels, gt_idx, targets) -> torch.Tensor:
+        """BCE of the GT-class logits against 28×28 targets of the foreground RoIs; 0·sum when there
+        is no foreground RoI (detectron2 ``mask_rcnn_loss``). Targets come from
+        :func:`transfer.vitdet.masks.mask_targets`: the instance's polygons rasterised inside the RoI
+        (``PolygonMasks.crop_and_resize``, detectron2's default ``mask_format="polygon"``), or for
+        instances without polygons (RLE) an aligned crop of the bitmask ≥ 0.5 (``BitMasks``)."""
+        from .masks import mask_targets
+
         if mask_logits.shape[0] == 0:
             return mask_logits.sum() * 0
         m = mask_logits.shape[-1]
-        targets = []
-        for b, g, masks in zip(boxes, gt_idx, gt_masks):
-            if b.shape[0] == 0:
-                continue
-            rois = torch.cat([g[:, None].to(b.dtype), b], dim=1)
-            crop = roi_align(masks[:, None].to(b.dtype), rois, (m, m), spatial_scale=1.0, sampling_ratio=0,
-                             aligned=True)
-            targets.append((crop[:, 0] >= 0.5).to(mask_logits.dtype))
-        targets = torch.cat(targets, 0)
+        targets = torch.cat([mask_targets(t, g, b, m) for b, g, t in zip(boxes, gt_idx, targets)], 0)
+        targets = targets.to(mask_logits.dtype)
         lab = torch.cat(labels, 0)
         logits = mask_logits[torch.arange(lab.numel(), device=lab.device), lab - 1]
         return F.binary_cross_entropy_with_logits(logits, targets)
@@ -276,7 +315,8 @@ class ViTDetMaskRCNN(nn.Module):
 
     Input: a list of images, each (3, H, W) float RGB in 0..255 with H, W <= ``square_pad``; in
     training a list of targets ``{"boxes": (G, 4) XYXY input pixels, "labels": (G,) int64 1..K,
-    "masks": (G, H, W) uint8}``. Images are normalised with ``pixel_mean`` / ``pixel_std`` and
+    "masks": (G, H, W) uint8}`` and optionally the packed polygons ``poly_xy`` / ``poly_len`` /
+    ``poly_inst`` (``transfer.vitdet.masks``; polygon instances get polygon mask targets). Images are normalised with ``pixel_mean`` / ``pixel_std`` and
     zero-padded at the bottom/right to ``square_pad``² (detectron2 ``ImageList.from_tensors`` with
     ``square_size``).
 
@@ -328,16 +368,18 @@ class ViTDetMaskRCNN(nn.Module):
 
     @staticmethod
     def postprocess(det: dict, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> dict:
-        """Rescale boxes from the network input size to ``out_hw``, clip, paste masks (threshold 0.5)."""
+        """Rescale boxes from the network input size to ``out_hw``, clip, drop boxes left empty, paste
+        masks (:func:`transfer.vitdet.masks.paste_masks`, detectron2's bilinear float-box paste,
+        threshold 0.5), as detectron2 ``detector_postprocess``."""
         boxes = det["boxes"].float().clone()
         sy, sx = out_hw[0] / in_hw[0], out_hw[1] / in_hw[1]
         boxes[:, 0::2] = (boxes[:, 0::2] * sx).clamp(0, out_hw[1])
         boxes[:, 1::2] = (boxes[:, 1::2] * sy).clamp(0, out_hw[0])
-        if boxes.shape[0]:
-            masks = paste_masks_in_image(det["mask_probs"].float(), boxes, out_hw)[:, 0] >= 0.5
-        else:
-            masks = torch.zeros((0, *out_hw), dtype=torch.bool, device=boxes.device)
-        return {"boxes": boxes, "scores": det["scores"].float(), "labels": det["labels"], "masks": masks}
+        # detectron2 detector_postprocess: boxes empty after clipping are dropped
+        keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
+        boxes = boxes[keep]
+        masks = paste_masks(det["mask_probs"][keep].float(), boxes, out_hw, threshold=0.5)
+        return {"boxes": boxes, "scores": det["scores"][keep].float(), "labels": det["labels"][keep], "masks": masks}
 
 
 def build_vit(m: dict) -> ViTDetViT:
