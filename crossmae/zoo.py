@@ -258,9 +258,14 @@ def _remotes(spec: str) -> list[_Remote]:
     if spec.startswith("timm:"):
         from timm.models import get_pretrained_cfg
         name = spec[5:]
-        cfg = get_pretrained_cfg(name) if name else None
+        try:
+            cfg = get_pretrained_cfg(name) if name else None
+        except RuntimeError as exc:  # a known architecture with an unknown tag
+            cfg, why = None, f" ({exc})"
+        else:
+            why = ""
         if cfg is None:
-            raise UserError(f"--backbone {spec}: timm has no pretrained config {name!r} "
+            raise UserError(f"--backbone {spec}: timm {timm_version()} has no pretrained config {name!r}{why} "
                             f"(see timm.list_pretrained(); give MODEL.TAG)")
         if cfg.hf_hub_id:
             hub_id, _, rev = cfg.hf_hub_id.partition("@")
@@ -270,6 +275,11 @@ def _remotes(spec: str) -> list[_Remote]:
             return [_url_remote(spec, cfg.url)]
         raise UserError(f"--backbone {spec}: timm's pretrained config has neither hf_hub_id nor url")
     raise UserError(f"--backbone {spec}: not a URI")
+
+
+def timm_version() -> str:
+    import timm
+    return timm.__version__
 
 
 def validate_spec(spec: str | os.PathLike) -> None:
@@ -406,9 +416,9 @@ def _check_cached(r: _Remote) -> Path:
     pin = _read_pin(path)
     st = path.stat()
     if pin is None:
-        _check_readable(path, str(path), _is_safetensors(r))
         sha = sha256_file(path)
         _check_sha(r, sha, label=str(path))
+        _check_readable(path, str(path), _is_safetensors(r))
         _write_pin(r, path, sha)
         return path
     if pin.get("size") != st.st_size:
@@ -453,8 +463,10 @@ def _check_readable(path: Path, label: str, safetensors: bool) -> None:
             return
         safe_torch_load(path)
     except UserError as exc:
-        msg = str(exc)
-        raise UserError(msg if msg.startswith(label) else f"{label}: refused: {msg.split(': ', 1)[-1]}") from None
+        if str(exc).startswith(label):
+            raise
+        detail = str(exc).split(": ", 1)[-1].split(". ")[0]  # the reason's first sentence
+        raise UserError(f"{label}: refused: {detail}") from None
     except Exception as exc:  # zipfile / safetensors raise several types for a damaged file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{label}: refused: not a readable checkpoint (truncated or corrupt?): {first}") from None
@@ -475,9 +487,9 @@ def _download(r: _Remote) -> Path:
         else:
             tmp, hub_sha, extra, where = _fetch_url(r, staging), None, {}, r.fetch_url
         label = f"--backbone {r.spec}: download from {where}"
-        _check_readable(tmp, label, _is_safetensors(r))
         sha = sha256_file(tmp)
         _check_sha(r, sha, label=label, hub_sha=hub_sha)
+        _check_readable(tmp, label, _is_safetensors(r))
         if r.entry is not None and r.entry.md5_prefix:
             extra["md5"] = _md5(tmp)
         os.replace(tmp, r.cache_path)
