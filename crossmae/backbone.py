@@ -98,6 +98,10 @@ class LoadReport:
         """A few human-readable lines for logs."""
         lines = [f"backbone {self.path} (sha256 {self.sha256[:12]}…): format {self.format}, arch {self.arch}, "
                  f"final norm {'yes' if self.has_final_norm else 'no'}"]
+        if self.source and self.source != self.path:
+            lines.append(f"  from --backbone {self.source}" + (
+                f" (zoo {self.zoo['name']}: {self.zoo['method']}, reported ImageNet fine-tune top-1 "
+                f"{self.zoo['reported_ft_top1']})" if self.zoo else ""))
         if self.target:
             lines.append(f"  into {self.target}: loaded {len(self.loaded)} tensors, missing {len(self.missing)}"
                          f"{' ' + _short(self.missing) if self.missing else ''}, unexpected {len(self.unexpected)}"

@@ -92,8 +92,8 @@ ZOO_NAME = {"mae_encoder": "mae_vit_base", "mae_finetune": "mae_vit_base_ft",
 class Hub:
     """Files by URL path; Hub-style paths answer HEAD with the Hub's headers (X-Repo-Commit, the LFS
     sha256 as ETag, the size). ``mode[path]``: ``short`` (fewer bytes than the Hub's size, honest
-    Content-Length), ``drop`` (Content-Length of the whole file, connection closed half-way, a resume
-    refused with 416), ``alter`` (one byte changed, same size, the Hub still announcing the original
+    Content-Length), ``drop`` (Content-Length of the whole file, connection closed half-way, every
+    retry refused with 416), ``alter`` (one byte changed, same size, the Hub still announcing the original
     sha256)."""
 
     def __init__(self):
@@ -152,7 +152,7 @@ def _handler(hub: Hub):
                     self.wfile.write(body)
                 return
             data, mode = hub.files[key], hub.mode[key]
-            if mode == "drop" and self.headers.get("Range"):
+            if mode == "drop" and any(r == ("GET", self.path) for r in hub.requests[:-1]):
                 self.send_response(416)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -374,7 +374,7 @@ def test_no_network_uncached_is_one_line(hub, layouts, capsys, monkeypatch):
 
 @pytest.mark.parametrize("scheme,mode,expect", [
     ("hf", "short", r"truncated download from .* refused: Consistency check failed"),
-    ("http", "drop", r"truncated download from .* refused"),
+    ("http", "drop", r"truncated download from .* refused \(connection closed early"),
     ("http", "short", r"download from .* refused: not a readable torch checkpoint \(truncated or corrupt\?\)"),
     ("hf", "alter", r"refused: sha256 \w+… differs from the Hub's \(LFS ETag\)"),
     ("zoo", "alter", r"refused: corrupt checkpoint \(CRC error in archive/data/\d+\)"),  # MAE: a plain URL
@@ -425,3 +425,40 @@ def test_suite_plan_accepts_uris_without_downloading(hub, tmp_path):
     with pytest.raises(UserError, match="zoo:nope: unknown checkpoint name"):
         plan(get_suite("smoke"), tmp_path / "out2", backbones={"x": "zoo:nope"})
     assert hub.requests == []
+
+
+def test_task_metrics_json_records_uri_sha_and_zoo_entry(hub, layouts, data_root, tmp_path):
+    """A real transfer run on ``--backbone zoo:…``: metrics.json keeps the URI, the downloaded file's
+    sha256 and the registry entry (the leaderboard's reference value) next to the args' ratios."""
+    from transfer import linprobe
+    spec = _serve(hub, "zoo", "crossmae_pretrain", layouts["crossmae_pretrain"])
+    out = tmp_path / "lp"
+    linprobe.main(["--backbone", spec, "--config", "smoke", "--data-root", str(data_root), "--output-dir", str(out),
+                   "--cfg-options", f"fast.cache_dir={tmp_path / 'feat'}", "protocol=fast"])
+    m = json.loads((out / "metrics.json").read_text())
+    entry = zoo.REGISTRY["crossmae_vit_base_448"]
+    assert m["backbone"] == spec and m["backbone_sha256"] == hashlib.sha256(layouts["crossmae_pretrain"]).hexdigest()
+    rep = m["backbone_report"]
+    assert rep["source"] == spec and rep["sha256"] == m["backbone_sha256"]
+    assert rep["zoo"]["reported_ft_top1"] == entry.reported_ft_top1 and rep["zoo"]["name"] == entry.name
+    assert (rep["meta"]["method"], rep["meta"]["kept_mask_ratio"]) == ("crossmae", 0.25)
+
+
+def test_offline_process_exits_2_with_one_line(tmp_path):
+    """The real command in a process started with HF_HUB_OFFLINE=1 (huggingface_hub reads it at import);
+    loading the file once put there is tested in-process above."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CROSSMAE_CACHE": str(tmp_path / "c"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("HF_ENDPOINT", None)
+    env.pop("CROSSMAE_ZOO_MIRROR", None)
+    cmd = [sys.executable, "-m", "crossmae.backbone", "inspect", "zoo:crossmae_vit_base"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    entry = zoo.REGISTRY["crossmae_vit_base"]
+    target = tmp_path / "c" / "hf" / "longlian" / "CrossMAE" / "main" / zoo._split_hf(entry.uri)[1]
+    assert p.returncode == 2 and p.stderr.strip() == (
+        f"error: --backbone zoo:crossmae_vit_base: not in the cache and offline (HF_HUB_OFFLINE): "
+        f"download {entry.url} and put it at {target}")
+    assert not (tmp_path / "c").exists() or _files(tmp_path / "c") == []
