@@ -9,7 +9,8 @@ released MAE / CrossMAE checkpoints.
     ``timm:MODEL.TAG``                    timm's own pretrained weights (e.g. ``timm:vit_base_patch16_224.mae``),
                                           located through ``timm.models.get_pretrained_cfg`` (its ``hf_hub_id``,
                                           else its ``url``)
-    ``http(s)://…``                       any URL
+    ``http(s)://…``                       any URL (a ``https://huggingface.co/OWNER/REPO/resolve/REV/PATH``
+                                          link is treated as ``hf://OWNER/REPO/PATH@REV``)
 
 Remote files are downloaded once into one cache, ``$CROSSMAE_CACHE`` (default ``~/.cache/crossmae``):
 ``hf/<owner>/<repo>/<revision>/<path>`` for Hub files, ``url/<host>/<path>`` for URLs (a registry
@@ -252,8 +253,12 @@ def _remotes(spec: str) -> list[_Remote]:
             return [_hf_remote(spec, *_split_hf(entry.uri), entry=entry)]
         return [_url_remote(spec, entry.uri, entry=entry)]
     if spec.startswith("hf://"):
-        return [_hf_remote(spec, *_split_hf(spec))]
+        return [_hf_remote(spec, *_split_hf(spec), entry=_entry_by_uri(spec))]
     if spec.startswith(("http://", "https://")):
+        u = urlsplit(spec)
+        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", u.path)
+        if u.hostname == "huggingface.co" and m:  # a Hub file link (as the CrossMAE README gives them)
+            return [_hf_remote(spec, m[1], m[3], m[2], entry=_entry_by_uri(f"hf://{m[1]}/{m[3]}@{m[2]}"))]
         return [_url_remote(spec, spec)]
     if spec.startswith("timm:"):
         from timm.models import get_pretrained_cfg
@@ -275,6 +280,13 @@ def _remotes(spec: str) -> list[_Remote]:
             return [_url_remote(spec, cfg.url)]
         raise UserError(f"--backbone {spec}: timm's pretrained config has neither hf_hub_id nor url")
     raise UserError(f"--backbone {spec}: not a URI")
+
+
+def _entry_by_uri(uri: str) -> ZooEntry | None:
+    for e in REGISTRY.values():
+        if _canonical_url(e.uri) == _canonical_url(uri):
+            return e
+    return None
 
 
 def timm_version() -> str:
@@ -305,9 +317,14 @@ def zoo_entry(spec: str | os.PathLike) -> dict | None:
     if s.startswith("zoo:"):
         e = REGISTRY.get(s[4:])
         return e.to_dict() if e else None
-    for e in REGISTRY.values():
-        if s in (e.uri, e.url):
-            return e.to_dict()
+    if s.startswith(("hf://", "http://", "https://")):
+        try:
+            r = _remotes(s)[0]
+        except UserError:
+            return None
+        e = r.entry or (_entry_by_uri(f"hf://{r.repo_id}/{r.filename}@{r.revision}") if r.kind == "hf"
+                        else next((e for e in REGISTRY.values() if e.url == r.url), None))
+        return e.to_dict() if e else None
     if not is_uri(s):
         try:
             p = Path(s).expanduser().resolve()

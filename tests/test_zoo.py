@@ -462,3 +462,16 @@ def test_offline_process_exits_2_with_one_line(tmp_path):
         f"error: --backbone zoo:crossmae_vit_base: not in the cache and offline (HF_HUB_OFFLINE): "
         f"download {entry.url} and put it at {target}")
     assert not (tmp_path / "c").exists() or _files(tmp_path / "c") == []
+
+
+def test_readme_hub_link_is_the_zoo_entry_and_shares_its_cache(hub, layouts):
+    """The CrossMAE README's links (https://huggingface.co/…/resolve/main/…?download=true) go through
+    huggingface_hub (here: to HF_ENDPOINT) into the same cache file as zoo:NAME."""
+    spec = _serve(hub, "zoo", "crossmae_pretrain", layouts["crossmae_pretrain"])
+    link = zoo.REGISTRY[spec[4:]].url + "?download=true"
+    _, rep = load_encoder_state_dict(link)
+    assert rep.zoo["name"] == spec[4:] and rep.source == link and rep.format == "crossmae_pretrain"
+    assert any(m == "HEAD" and "/resolve/" in p for m, p in hub.requests)  # the Hub protocol, not a bare GET
+    n = len(hub.requests)
+    _, rep2 = load_encoder_state_dict(spec)
+    assert rep2.path == rep.path and len(hub.requests) == n
