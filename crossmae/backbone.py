@@ -10,8 +10,11 @@ Formats recognised (``LoadReport.format``):
     ``crossmae_pretrain``  official CrossMAE pretraining checkpoint (cross-attention decoder; no
                            final encoder ``norm`` when inter-block attention is on). Our own
                            ``crossmae.pretrain`` writes both of these layouts.
-    ``mae_finetune``       MAE fine-tuned checkpoint (``{'model': …}`` with ``head`` and ``fc_norm``
-                           or ``norm``).
+    ``mae_encoder``        the official MAE pretrained release (``mae_pretrain_vit_*.pth``:
+                           ``{'model': encoder}`` with the final ``norm``, no decoder, no head, no args).
+    ``mae_finetune``       a fine-tuned checkpoint of MAE's / CrossMAE's ``main_finetune.py``
+                           (``{'model': …}`` with ``head`` and ``fc_norm`` or ``norm``); MAE and CrossMAE
+                           encoders are identical, so the method is not in the file (a zoo entry gives it).
     ``timm``               a bare timm ``VisionTransformer`` state dict (``.pth`` or ``.safetensors``).
     ``project_encoder``    an encoder exported by :func:`export_encoder` (``{'model', 'meta'}``).
 
@@ -19,6 +22,9 @@ Command line::
 
     python -m crossmae.backbone inspect CKPT [--arch vit_base_patch16] [--img-size 224]
     python -m crossmae.backbone export CKPT OUT.pth [--arch ...]
+
+``CKPT`` (like every ``--backbone``) is a path or a URI (``zoo:NAME``, ``hf://…``, ``timm:…``,
+``http(s)://…``) resolved by :func:`crossmae.zoo.resolve_backbone`.
 """
 from __future__ import annotations
 
@@ -66,7 +72,12 @@ class LoadReport:
         patch_embed_resized: ``(old_patch, new_patch)`` when the patch-embedding kernel was resampled
             to another patch size (ViTDet-H's p14→p16), else None.
         meta: pretraining facts read from the checkpoint's ``args`` (method, mask ratio, prediction
-            ratio, decoder depth, epochs …) where present.
+            ratio, decoder depth, epochs …) where present. When the file cannot tell the method (a
+            fine-tuned checkpoint) and a zoo entry can, ``method`` is the entry's and
+            ``method_from`` is ``"zoo"``.
+        source: the ``--backbone`` value as given (a path, ``zoo:NAME``, ``hf://…`` …).
+        zoo: the registry entry (``crossmae.zoo.ZooEntry.to_dict()``: ``reported_ft_top1`` …) when
+            ``source`` names a released checkpoint, else None.
     """
     path: str
     sha256: str
@@ -81,11 +92,17 @@ class LoadReport:
     patch_embed_resized: tuple | None = None
     target: str = ""
     meta: dict = field(default_factory=dict)
+    source: str = ""
+    zoo: dict | None = None
 
     def summary(self) -> str:
         """A few human-readable lines for logs."""
         lines = [f"backbone {self.path} (sha256 {self.sha256[:12]}…): format {self.format}, arch {self.arch}, "
                  f"final norm {'yes' if self.has_final_norm else 'no'}"]
+        if self.source and self.source != self.path:
+            lines.append(f"  from --backbone {self.source}" + (
+                f" (zoo {self.zoo['name']}: {self.zoo['method']}, reported ImageNet fine-tune top-1 "
+                f"{self.zoo['reported_ft_top1']})" if self.zoo else ""))
         if self.target:
             lines.append(f"  into {self.target}: loaded {len(self.loaded)} tensors, missing {len(self.missing)}"
                          f"{' ' + _short(self.missing) if self.missing else ''}, unexpected {len(self.unexpected)}"
@@ -174,10 +191,20 @@ def _detect_format(sd: dict, container: dict | None) -> str:
             and container["meta"].get("format") == "project_encoder":
         return "project_encoder"
     if any(k.startswith("decoder_blocks.") for k in sd):
+        a = _args_dict(container.get("args") if container is not None else None)
+        if "cross_mae" in a:  # the official CrossMAE main_pretrain.py flag (MAE runs of that repo: False)
+            return "crossmae_pretrain" if a["cross_mae"] else "mae_pretrain"
         return "crossmae_pretrain" if any(".cross_attn." in k for k in sd) else "mae_pretrain"
     if container is not None and ("head.weight" in sd or "fc_norm.weight" in sd):
         return "mae_finetune"
+    if container is not None and isinstance(container.get("model"), dict) and "norm.weight" in sd \
+            and not any(k.startswith(DECODER_PREFIXES) for k in sd):
+        return "mae_encoder"  # mae_pretrain_vit_*.pth: {'model': encoder}
     return "timm"
+
+
+def _args_dict(args) -> dict:
+    return vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
 
 
 def _args_meta(args, container: dict | None, fmt: str) -> dict:
@@ -185,15 +212,16 @@ def _args_meta(args, container: dict | None, fmt: str) -> dict:
     if container is not None and isinstance(container.get("meta"), dict):
         meta.update(container["meta"])
     if args is not None:
-        a = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
+        a = _args_dict(args)
         for k in ("model", "input_size", "mask_ratio", "kept_mask_ratio", "decoder_depth", "decoder_embed_dim",
-                  "epochs", "weight_fm", "use_fm", "use_input", "norm_pix_loss", "blr", "batch_size"):
+                  "epochs", "weight_fm", "use_fm", "use_input", "norm_pix_loss", "blr", "batch_size", "cross_mae"):
             if k in a:
                 meta[k] = a[k]
         if container is not None and "epoch" in container:
             meta["epoch"] = container["epoch"]
     if "method" not in meta:
-        meta["method"] = {"mae_pretrain": "mae", "crossmae_pretrain": "crossmae"}.get(fmt, meta.get("method"))
+        meta["method"] = {"mae_pretrain": "mae", "crossmae_pretrain": "crossmae",
+                          "mae_encoder": "mae"}.get(fmt, meta.get("method"))
     if meta.get("method") == "mae" and "mask_ratio" in meta and meta.get("kept_mask_ratio") is None:
         meta["kept_mask_ratio"] = meta["mask_ratio"]
     return meta
@@ -310,7 +338,8 @@ def load_encoder_state_dict(path: str | Path, *, arch: str | None = None, img_si
     """Read the ENCODER of any known checkpoint, under timm names.
 
     Args:
-        path: checkpoint file (``.pth`` / ``.pt`` / ``.safetensors``).
+        path: checkpoint file (``.pth`` / ``.pt`` / ``.safetensors``) or a URI (``zoo:NAME``,
+            ``hf://…``, ``timm:…``, ``http(s)://…``; downloaded once by :mod:`crossmae.zoo`).
         arch: expected architecture (``vit_base_patch16`` …); None infers it from the tensors.
         img_size: target input size in pixels (int or (H, W)); ``pos_embed`` is resized to its grid.
         keep_cls_token: False drops ``cls_token`` and the cls row of ``pos_embed`` (ViTDet).
@@ -328,7 +357,13 @@ def load_encoder_state_dict(path: str | Path, *, arch: str | None = None, img_si
             checkpoint, patch size / width / depth not matching ``arch``, missing block tensors,
             unknown non-decoder keys, non-finite weights, ``img_size`` not divisible by the patch size.
     """
-    path = Path(path)
+    from . import zoo
+    source = str(path)
+    try:
+        path = zoo.resolve_backbone(path)
+    except UserError as exc:
+        raise BackboneLoadError(str(exc)) from None
+    entry = zoo.zoo_entry(source)
     check_img_size(img_size, f"{path}: image size")
     sd, container, args, _ = _read_raw(path)
     sd = _strip_wrappers(sd)
@@ -379,10 +414,14 @@ def load_encoder_state_dict(path: str | Path, *, arch: str | None = None, img_si
         enc.pop("cls_token")
         enc["pos_embed"] = enc["pos_embed"][:, 1:]
         ignored += ["cls_token", "pos_embed[cls row]"]
-    report = LoadReport(path=str(path), sha256=sha256_file(path) if path.is_file() else "", format=fmt, arch=arch,
+    meta = _args_meta(args, container, fmt)
+    if meta.get("method") is None and entry is not None:
+        meta.update(method=entry["method"], method_from="zoo")
+    sha = (zoo.known_sha256(path) or sha256_file(path)) if path.is_file() else ""
+    report = LoadReport(path=str(path), sha256=sha, format=fmt, arch=arch,
                         has_final_norm="norm.weight" in enc, loaded=sorted(enc), ignored=ignored,
                         pos_embed_resized=resized, patch_embed_resized=patch_resized,
-                        meta=_args_meta(args, container, fmt))
+                        meta=meta, source=source, zoo=entry)
     return enc, report
 
 

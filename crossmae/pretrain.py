@@ -49,6 +49,7 @@ from .runs import code_version
 from .utils import (REPO_ROOT, UserError, atomic_write_json, atomic_write_text, cli_entry, config_hash,
                     init_distributed, is_main_process, load_config, resolve_data_root, safe_torch_load,
                     seed_everything, seed_worker, sha256_file)
+from .zoo import is_uri, resolve_backbone
 
 PRESET_DIR = REPO_ROOT / "configs" / "pretrain"
 DEFAULT_CONFIG = "paper_crossmae_vit_base"
@@ -432,8 +433,10 @@ def _main(argv: list[str] | None) -> dict:
     from .lr_sched import scaled_lr
     lr = float(cfg.lr) if cfg.lr is not None else scaled_lr(
         cfg.blr, effective, cfg.mask_ratio, plan.kept_mask_ratio, cfg.lr_scale_by_ratio)
+    if args.backbone and is_uri(args.backbone):
+        resolve_backbone(args.backbone)  # zoo: / hf:// / timm: / http(s)://, downloaded once into the cache
     for flag, value in (("--resume", args.resume), ("--backbone", args.backbone)):
-        if value and not Path(value).is_file():
+        if value and not is_uri(value) and not Path(value).is_file():
             raise UserError(f"{flag} {value}: checkpoint file not found")
 
     output_dir = Path(args.output_dir)
@@ -487,7 +490,7 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
         log.info(f"resumed from {source} (epoch {start_epoch - 1} finished)"
                  + (f"; config keys changed since: {', '.join(changed)}" if changed else ""))
     elif args.backbone:
-        _init_from_backbone(Path(args.backbone), model)
+        _init_from_backbone(resolve_backbone(args.backbone), model)
 
     log.info(f"{cfg.model} ({plan.method}, {plan.arch}) {cfg.input_size}px p={cfg.mask_ratio} "
              f"γ={plan.kept_mask_ratio if plan.kept_mask_ratio is not None else cfg.mask_ratio} on {device} "
@@ -609,7 +612,7 @@ def _metrics(cfg, plan, config_name, args, history, ns, output_dir, device, worl
         "mask_ratio": float(cfg.mask_ratio), "kept_mask_ratio": plan.kept_mask_ratio,
         "lr": ns.lr, "blr": ns.blr, "total_batch_size": ns.total_batch_size,
         "checkpoint": str(final), "checkpoint_sha256": sha256_file(final) if final.is_file() else None,
-        "backbone": args.backbone, "backbone_sha256": sha256_file(args.backbone) if args.backbone else None,
+        "backbone": args.backbone, "backbone_sha256": sha256_file(resolve_backbone(args.backbone)) if args.backbone else None,
         "backbone_report": None,
         "config_hash": config_hash(plain(cfg.to_dict())), "seed": int(cfg.seed),
         "epochs": int(cfg.epochs), "iters": int(sum(h["steps"] for h in history)),

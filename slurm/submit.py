@@ -127,6 +127,11 @@ def plan(suite: Suite, out: Path, *, backbones: dict[str, str] | None = None, pr
     chosen = suite.select(tasks)
     sources: dict[str, tuple[str, str, list[str]]] = {}  # name -> (backbone, arch, depends_on)
     for name, ckpt in backbones.items():
+        from crossmae.zoo import is_uri, validate_spec, zoo_entry
+        if is_uri(ckpt):  # checked without downloading; the tasks download it once into the cache
+            validate_spec(ckpt)
+            sources[name] = (ckpt, arch or (zoo_entry(ckpt) or {}).get("arch") or suite.default_arch, [])
+            continue
         p = Path(ckpt).expanduser()
         if not p.exists():
             raise UserError(f"--backbone {name}={ckpt}: checkpoint not found")

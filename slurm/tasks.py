@@ -96,8 +96,9 @@ class TaskSpec:
         return argv + list(self.args)
 
 
-def resolve_backbone(backbone: str) -> Path:
-    """A checkpoint path; ``pretrain:<dir>`` becomes the finished pretraining's checkpoint.
+def resolve_backbone(backbone: str) -> Path | str:
+    """A checkpoint path; ``pretrain:<dir>`` becomes the finished pretraining's checkpoint; a URI
+    (``zoo:``, ``hf://``, ``timm:``, ``http(s)://``) is passed on unchanged.
 
     For a pretraining folder: ``metrics.json``'s ``checkpoint`` entry when present, else
     ``checkpoint-final.pth``, else ``checkpoint-latest.pth``.
@@ -105,6 +106,9 @@ def resolve_backbone(backbone: str) -> Path:
     Raises:
         UserError: the pretraining has no metrics (not finished) or no checkpoint file.
     """
+    from crossmae.zoo import is_uri
+    if is_uri(backbone):  # zoo: / hf:// / timm: / http(s)://: the task resolves it (crossmae.zoo)
+        return backbone
     if not backbone.startswith(PRETRAIN_PREFIX):
         return Path(backbone)
     d = Path(backbone[len(PRETRAIN_PREFIX):])

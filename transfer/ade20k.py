@@ -78,8 +78,8 @@ def load_backbone_weights(model: UperNet, path: str, cfg):
     Returns the ``LoadReport``. Raises ``UserError`` / ``BackboneLoadError`` for a bad checkpoint.
     """
     from crossmae.backbone import load_encoder_state_dict, load_into
-    if not Path(path).is_file():
-        raise UserError(f"{path}: --backbone checkpoint not found")
+    from crossmae.zoo import resolve_backbone
+    resolve_backbone(path)  # a path or a URI (zoo:, hf://, timm:, http(s)://); one-line error
     sd, report = load_encoder_state_dict(path, img_size=int(cfg.model.img_size))
     allowed = []
     if cfg.model.get("rel_pos_bias"):

@@ -29,8 +29,6 @@ def load_cls_backbone(path: str, cfg, *, num_classes: int, global_pool: str, dro
     Returns ``(model, LoadReport)``. Raises ``UserError`` (``BackboneLoadError``) for a bad checkpoint.
     """
     from crossmae import load_backbone  # the lead's backbone API (CONTRACTS.md)
-    from crossmae.zoo import resolve_backbone
-    path = str(resolve_backbone(path))
     return load_backbone(path, arch=cfg.get("arch"), img_size=cfg.input_size, num_classes=num_classes,
                          global_pool=global_pool, drop_path_rate=drop_path_rate)
 
