@@ -35,7 +35,7 @@ from pathlib import Path
 from benchmarks.suites import Resources, Suite, TaskDef, get_suite
 from crossmae.utils import REPO_ROOT, UserError, atomic_write_json, cli_entry, resolve_data_root
 
-from .executor import EXECUTORS, ClusterOptions, make_executor, resolve_executor
+from .executor import EXECUTORS, ClusterOptions, check_int, make_executor, resolve_executor
 from .tasks import METRICS_JSON, PRETRAIN_PREFIX, STATE_JSON, TASK_JSON, TaskRunner, TaskSpec, read_json, run_leaderboard, write_state
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -122,6 +122,8 @@ def plan(suite: Suite, out: Path, *, backbones: dict[str, str] | None = None, pr
         raise UserError(f"--pretrain: name {sorted(set(backbones) & set(pretrains))[0]!r} also used by --backbone")
     if not seeds or len(set(seeds)) != len(list(seeds)):
         raise UserError(f"--seeds {' '.join(map(str, seeds))}: give distinct seeds")
+    for seed in seeds:
+        check_int("--seeds", seed, 0, 2**32 - 1)
     out = out.resolve()
     specs: list[TaskSpec] = []
     chosen = suite.select(tasks)
@@ -138,7 +140,7 @@ def plan(suite: Suite, out: Path, *, backbones: dict[str, str] | None = None, pr
         td = suite.pretrain
         a = arch or suite.default_arch
         _check_config(td, config, "--pretrain")
-        res = td.resources_for(a).replace(**(pretrain_resources or {}))
+        res = td.resources_for(a).replace("--pretrain-resources", **(pretrain_resources or {}))
         d = out / "pretrain" / name
         specs.append(TaskSpec(id=f"pretrain/{name}", suite=suite.name, task="pretrain", protocol=td.protocol,
                               module=td.module, config=config, kind="pretrain", backbone_name=name, backbone=None,
@@ -479,9 +481,12 @@ def specs_from_args(args, suite: Suite) -> list[TaskSpec]:
 
 
 def options_from_args(args, kind: str) -> ClusterOptions:
-    par = args.array_parallelism or (256 if kind == "slurm" else 2)
-    if par < 1:
-        raise UserError(f"--array-parallelism {par}: must be >= 1")
+    """Scheduler options from parsed arguments.
+
+    Raises:
+        UserError: ``--array-parallelism`` < 1 or ``--max-num-timeout`` < 0 (see :class:`ClusterOptions`).
+    """
+    par = args.array_parallelism if args.array_parallelism is not None else (256 if kind == "slurm" else 2)
     return ClusterOptions(partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
                           array_parallelism=par, job_name=args.job_name, max_num_timeout=args.max_num_timeout,
                           exclusive=args.exclusive)
@@ -492,6 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Plan, then submit (or print with ``--dry-run``). Returns ``{"executor", "jobs": {id: job id},
     "skipped", "results"}``."""
     args = build_parser().parse_args(argv)
+    options_from_args(args, "local")  # numeric options checked before anything else (nothing written)
     suite = get_suite(args.suite)
     specs = specs_from_args(args, suite)
     if args.dry_run:
