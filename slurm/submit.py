@@ -20,7 +20,9 @@ per task type (``map_array``) with ``--dependency=afterok:<pretraining jobs>`` w
 come from this submission, and a final leaderboard job (``afterany`` on every array). Locally the
 same graph runs in order (at most ``--array-parallelism`` tasks at a time) with a progress display.
 A task whose metrics exist is skipped (``--force`` moves its folder aside to ``<dir>.old-<time>``
-and reruns it); a task already queued or running is not submitted twice.
+and reruns it); a task already queued or running is not submitted twice; a task folder whose
+``task.json`` records other inputs (data root, backbone, config, overrides, ...) is refused with
+exit status 2 unless ``--force`` (folder moved aside, rerun from scratch).
 """
 from __future__ import annotations
 
@@ -190,18 +192,55 @@ def _record(spec: TaskSpec, kind: str, job, folder: Path) -> None:
                       spec.dir / TASK_JSON)
 
 
+#: the spec fields that are a task's inputs (``resources`` may change between submissions; these not)
+INPUT_FIELDS = ("suite", "task", "protocol", "module", "config", "kind", "backbone", "seed", "data_root", "arch",
+                "cfg_options", "args")
+
+
+def input_difference(spec: TaskSpec, recorded: dict) -> str | None:
+    """The first input of ``spec`` that differs from a ``task.json``'s recorded spec, as
+    ``"data_root /a (task.json) != /b (now)"``; None when every input (:data:`INPUT_FIELDS`) matches."""
+    def show(v) -> str:
+        return (" ".join(map(str, v)) if isinstance(v, list) else "" if v is None else str(v)) or "(none)"
+
+    now = spec.to_dict()
+    for k in INPUT_FIELDS:
+        if k in recorded and recorded[k] != now[k]:
+            return f"{k} {show(recorded[k])} (task.json) != {show(now[k])} (now)"
+    return None
+
+
 def _triage(specs: list[TaskSpec], force: bool) -> tuple[list[TaskSpec], dict]:
-    """Drop tasks already done (unless ``force``: folder moved aside) or queued / running."""
+    """Drop tasks already done (unless ``force``: folder moved aside) or queued / running.
+
+    Every task is checked before anything is written: a folder whose ``task.json`` records other
+    inputs (:func:`input_difference`: data root, backbone, seed, suite, config, overrides, ...) is
+    another run's, so it is refused unless ``force``, which moves it aside and starts afresh.
+
+    Raises:
+        UserError: ``<dir>/task.json: <field> <old> (task.json) != <new> (now) ...`` without
+            ``force``; with ``force`` when that other run is still queued / running.
+    """
     from .status import task_status
-    todo, skipped = [], {}
+    checked = []
     for s in specs:
         st = task_status(s.dir)
+        diff = input_difference(s, read_json(s.dir / TASK_JSON).get("spec") or {})
+        if diff and not force:
+            raise UserError(f"{s.dir / TASK_JSON}: {diff}: this folder holds another run "
+                            "(use another --output-dir, or --force to move it aside and rerun)")
+        if diff and st.active and st.state in ("pending", "running"):
+            raise UserError(f"{s.dir / TASK_JSON}: {diff}, and that run is still {st.state} as job {st.job_id} "
+                            "(cancel it first: python -m slurm.cancel)")
+        checked.append((s, st, diff))
+    todo, skipped = [], {}
+    for s, st, diff in checked:
         if st.state == "done" and not force:
             skipped[s.id] = "done (metrics.json exists; --force reruns)"
         elif st.state in ("pending", "running") and st.job_id and st.active:
             skipped[s.id] = f"already {st.state} as job {st.job_id}"
         else:
-            if force and s.dir.exists() and (s.dir / METRICS_JSON).exists():
+            if force and s.dir.exists() and ((s.dir / METRICS_JSON).exists() or diff):
                 stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
                 s.dir.rename(s.dir.with_name(f"{s.dir.name}.old-{stamp}"))
             elif st.state in ("cancelled", "failed") and (s.dir / STATE_JSON).exists():
@@ -226,15 +265,16 @@ def dispatch(specs: list[TaskSpec], out: Path, executor: str = "auto", opts: Clu
         progress: a callable receiving one-line progress messages (``None`` for silence).
 
     Raises:
-        UserError: Slurm asked for but unreachable, or the scheduler refused a submission.
+        UserError: Slurm asked for but unreachable, the scheduler refused a submission, or a task
+            folder's ``task.json`` records other inputs (see :func:`_triage`).
     """
     opts = opts or ClusterOptions()
     kind = resolve_executor(executor)
     out = Path(out).resolve()
+    todo, skipped = _triage(specs, force)  # may refuse (UserError) before anything is written
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "jobs"
     say = progress or (lambda *_: None)
-    todo, skipped = _triage(specs, force)
     sub = Submission(executor=kind, out=out, specs=specs, skipped=skipped)
     for tid, why in skipped.items():
         say(f"skip {tid}: {why}")
@@ -461,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-name", default="crossmae")
     p.add_argument("--max-num-timeout", type=int, default=3, help="time-outs allowed before giving up a task")
     p.add_argument("--exclusive", action="store_true", help="request whole nodes")
-    p.add_argument("--force", action="store_true", help="rerun tasks whose metrics exist (old folder kept)")
+    p.add_argument("--force", action="store_true",
+                   help="rerun tasks whose metrics exist, or whose task.json records other inputs (old folder kept)")
     p.add_argument("--wait", action="store_true", help="on Slurm, wait for every job and print outcomes")
     p.add_argument("--no-leaderboard", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the task list and resources, submit nothing")

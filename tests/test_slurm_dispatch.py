@@ -94,8 +94,9 @@ def test_failed_task_resubmitted_resumes_to_the_uninterrupted_metrics(tmp_path, 
                    out, "debug", leaderboard=False, progress=None)
     d = out / "b/selftest-default/seed0"
     assert list(sub.results.values())[0].startswith("failed") and not (d / "metrics.json").exists()
-    sub = dispatch(plan(SUITE, out, backbones={"b": __file__}, cfg_options=["steps=12"]), out, "debug",
-                   leaderboard=False, progress=None)
+    # the same inputs again (a changed config would be another run): the fault was transient
+    sub = dispatch(plan(SUITE, out, backbones={"b": __file__}, cfg_options=["steps=12", "fail_at_step=7"]), out,
+                   "debug", leaderboard=False, progress=None)
     assert list(sub.results.values()) == ["done"]
     assert "start_step=7" in (d / "log.txt").read_text()  # resumed, not restarted
     got = json.loads((d / "metrics.json").read_text())["metrics"]
@@ -163,3 +164,64 @@ def test_a_cancelled_task_submitted_again_runs(tmp_path):
     # a cancelled task is resubmitted by a new dispatch (its state is reset, it runs)
     sub = dispatch(specs, out, "debug", leaderboard=False, progress=None)
     assert sub.results == {specs[0].id: "done"} and (specs[0].dir / "metrics.json").is_file()
+
+
+def _tree(root: Path) -> dict:
+    """Every file under ``root`` with its bytes and mtime (to prove nothing changed)."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("first,again,field", [
+    ([], ["--data-root", "OTHER"], "data_root"),
+    ([], ["--cfg-options", "steps=3", "lr=0.1"], "cfg_options"),
+    ([], ["--arch", "vit_large_patch16"], "arch"),
+    ([], ["--backbone-file", "OTHER"], "backbone"),
+    (["--cfg-options", "steps=3", "fail_at_step=1"], ["--data-root", "OTHER"], "data_root"),  # unfinished
+])
+def test_resubmit_with_other_inputs_is_refused_unless_force(tmp_path, capsys, no_pdb, first, again, field):
+    """A folder whose task.json records other inputs is another run: exit 2 naming task.json and the
+    difference, nothing changed; --force moves it aside and reruns with the new inputs."""
+    from slurm.submit import main as submit_main
+    out, d1 = tmp_path / "run", tmp_path / "data1"
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"another checkpoint")
+
+    def argv(extra):
+        bb, extra = (str(other), []) if extra == ["--backbone-file", "OTHER"] else (__file__, list(extra))
+        extra = [str(tmp_path / "data2") if a == "OTHER" else a for a in extra]
+        return ["--suite", "selftest", "--backbone", f"b={bb}", "--output-dir", str(out), "--executor", "debug",
+                "--no-leaderboard", "--data-root", str(d1), "--cfg-options", "steps=3", *extra]  # later wins
+
+    submit_main(argv(first))
+    d = out / "b/selftest-default/seed0"
+    assert (d / "task.json").is_file() and (d / "metrics.json").is_file() == (not first)
+    before = _tree(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        submit_main(argv(again))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {d / 'task.json'}: {field} ") and "\n" not in err
+    assert "--force" in err
+    assert _tree(out) == before  # nothing written, moved or touched
+    res = submit_main(argv(again) + ["--force"])
+    assert res["results"] == {"b/selftest-default/seed0": "done"}
+    old = list(d.parent.glob("seed0.old-*"))
+    assert len(old) == 1 and _tree(old[0]) == {k[len("b/selftest-default/seed0/"):]: v for k, v in before.items()
+                                               if k.startswith("b/selftest-default/seed0/")}
+    spec = json.loads((d / "task.json").read_text())["spec"]
+    now = {"data_root": str(tmp_path / "data2"), "cfg_options": ["steps=3", "lr=0.1"], "arch": "vit_large_patch16",
+           "backbone": str(other)}[field]
+    assert spec[field] == now
+    assert (d / "log.txt").read_text().count("start_step=") == 1  # started afresh, not resumed from the other run
+    assert "start_step=0" in (d / "log.txt").read_text()
+
+
+def test_resubmit_with_the_same_inputs_and_new_resources_skips(tmp_path):
+    out = tmp_path / "run"
+    dispatch(plan(SUITE, out, backbones={"b": __file__}, cfg_options=["steps=2"], data_root="/d"), out, "debug",
+             leaderboard=False, progress=None)
+    again = dispatch(plan(SUITE, out, backbones={"b": __file__}, cfg_options=["steps=2"], data_root="/d",
+                          resources={"mem_gb": "3"}), out, "debug", leaderboard=False, progress=None)
+    assert not again.jobs and list(again.skipped.values())[0].startswith("done")
