@@ -19,7 +19,7 @@ from benchmarks.suites import get_suite
 from slurm import local_cluster, selftest
 from slurm.cancel import cancel
 from slurm.executor import ClusterOptions
-from slurm.status import collect
+from slurm.status import collect, main as status_main
 from slurm.submit import dispatch, plan
 
 pytestmark = pytest.mark.slurm
@@ -212,3 +212,30 @@ def test_pretraining_jobs_then_transfer_arrays_after_them(out, tmp_path):
     rows = list(__import__("csv").DictReader((out / "leaderboard.csv").open()))
     assert {(r["backbone"], r["method"], r["prediction_ratio"]) for r in rows} == {
         ("mae", "mae", "0.75"), ("crossmae", "crossmae", "0.25")}
+
+
+def test_a_pending_array_element_cancelled_outside_is_cancelled_and_a_resubmit_runs_it(out, capsys):
+    """``scancel <array>_3`` while element 3 waits: Slurm drops it from the array without any
+    accounting record; status must say cancelled (not pending forever) and a re-submit runs it."""
+    specs = plan(SUITE, out, backbones={"a": __file__}, seeds=[0, 1, 2, 3], cfg_options=["steps=3"])
+    opts = ClusterOptions(array_parallelism=1, job_name="t-scancel")
+    sub = dispatch(specs, out, "slurm", opts, leaderboard=False, progress=None)
+    third = specs[3]
+    jid = str(sub.jobs[third.id].job_id)
+    assert jid.endswith("_3")
+    subprocess.run(["scancel", jid], check=True, capture_output=True, timeout=30)
+    _wait(lambda: {r.id: r.state for r in collect(out)}[third.id] == "cancelled", 30, f"{jid} to read as cancelled")
+    assert all(r.state != "cancelled" for r in collect(out) if r.id != third.id)
+    capsys.readouterr()
+    status_main([str(out), "--state", "cancelled"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:3] == [third.id, "cancelled", jid] and table[-1] == "total: 1 cancelled"
+    again = dispatch(plan(SUITE, out, backbones={"a": __file__}, seeds=[0, 1, 2, 3], cfg_options=["steps=3"]), out,
+                     "slurm", opts, leaderboard=False, progress=None)
+    assert list(again.jobs) == [third.id] and len(again.skipped) == 3  # the others: queued, running or done
+    assert str(again.jobs[third.id].job_id) != jid
+    _done(again.jobs[third.id])
+    for s in specs[:3]:
+        _done(sub.jobs[s.id])
+    assert {r.id: r.state for r in collect(out)} == {s.id: "done" for s in specs}
+    assert all((s.dir / "metrics.json").is_file() for s in specs)  # no seed missing from the leaderboard
