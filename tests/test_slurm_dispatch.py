@@ -112,8 +112,8 @@ def test_cancel_marks_unstarted_tasks_and_never_touches_finished_ones(tmp_path, 
     waiting.mkdir(parents=True)
     (waiting / "task_state.json").write_text(json.dumps({"state": "requeued"}))
     (waiting / "task.json").write_text(json.dumps({"spec": {"id": "c/selftest-default/seed0"}, "executor": "local"}))
-    ids = cancel_main([str(out)])
-    assert ids == ["c/selftest-default/seed0"]
+    assert cancel_main([str(out)]) == {"c/selftest-default/seed0": "cancelled"}
+    assert capsys.readouterr().out == "cancelled 1 task(s)\n  c/selftest-default/seed0\n"
     rows = {r.id: r.state for r in collect(out)}
     assert rows == {"b/selftest-default/seed0": "done", "c/selftest-default/seed0": "cancelled"}
 
@@ -147,7 +147,7 @@ def test_local_executor_processes_failure_log_and_cancel(tmp_path):
     assert rows[bad.id].state == "failed" and rows[bad.id].error == "RuntimeError: selftest: injected failure at step 2"
     assert Path(rows[bad.id].log).is_file() and "injected failure" in Path(rows[bad.id].log).read_text()
     assert Path(rows[bad.id].log).is_relative_to(out / "jobs")  # job folder under the output directory
-    assert cancel_main([str(out)]) == [long.id]
+    assert cancel_main([str(out)]) == {long.id: "cancelled"}
     th.join(120)
     assert not th.is_alive()
     assert box["sub"].results[bad.id].startswith("failed: RuntimeError")
@@ -225,3 +225,18 @@ def test_resubmit_with_the_same_inputs_and_new_resources_skips(tmp_path):
     again = dispatch(plan(SUITE, out, backbones={"b": __file__}, cfg_options=["steps=2"], data_root="/d",
                           resources={"mem_gb": "3"}), out, "debug", leaderboard=False, progress=None)
     assert not again.jobs and list(again.skipped.values())[0].startswith("done")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_cancel_refuses_a_nonsense_timeout_and_changes_nothing(tmp_path, capsys, value):
+    out = tmp_path / "run"
+    waiting = out / "c/selftest-default/seed0"
+    waiting.mkdir(parents=True)
+    (waiting / "task_state.json").write_text(json.dumps({"state": "requeued"}))
+    (waiting / "task.json").write_text(json.dumps({"spec": {"id": "c/selftest-default/seed0"}, "executor": "local"}))
+    before = _tree(out)
+    with pytest.raises(SystemExit) as e:
+        cancel_main([str(out), "--timeout", value])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: --timeout {float(value)}: must be a positive number of seconds"
+    assert _tree(out) == before
