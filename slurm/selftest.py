@@ -52,8 +52,21 @@ def _config(args) -> dict:
     for k, v in parse_cfg_options(args.cfg_options).items():
         if k not in DEFAULTS:
             raise UserError(f"--cfg-options {k}: unknown key (known: {', '.join(sorted(DEFAULTS))})")
-        cfg[k] = type(DEFAULTS[k])(v)
+        typ = type(DEFAULTS[k])
+        try:
+            cfg[k] = typ(v)
+        except (TypeError, ValueError):
+            raise UserError(f"--cfg-options {k}={v}: expected {typ.__name__}")
+        low = _LOW.get(k)
+        if low is not None and not low <= cfg[k] < float("inf"):
+            raise UserError(f"--cfg-options {k}={v}: must be >= {low}")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed {args.seed}: must be an integer in [0, 4294967295]")
     return cfg
+
+
+#: lower bounds of the numeric settings (``fail_at_step`` may be any integer; < 0 = never)
+_LOW = {"steps": 1, "step_seconds": 0.0, "dim": 1, "batch": 1, "lr": 0.0}
 
 
 @cli_entry

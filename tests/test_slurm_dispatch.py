@@ -240,3 +240,20 @@ def test_cancel_refuses_a_nonsense_timeout_and_changes_nothing(tmp_path, capsys,
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: --timeout {float(value)}: must be a positive number of seconds"
     assert _tree(out) == before
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--cfg-options", "steps=abc"], "--cfg-options steps=abc: expected int"),
+    (["--cfg-options", "steps=0"], "--cfg-options steps=0: must be >= 1"),
+    (["--cfg-options", "batch=-4"], "--cfg-options batch=-4: must be >= 1"),
+    (["--cfg-options", "step_seconds=-1"], "--cfg-options step_seconds=-1: must be >= 0.0"),
+    (["--cfg-options", "lr=nan"], "--cfg-options lr=nan: must be >= 0.0"),
+    (["--seed", "-1"], "--seed -1: must be an integer in [0, 4294967295]"),
+])
+def test_selftest_refuses_nonsense_numbers_and_writes_nothing(tmp_path, capsys, extra, msg):
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        selftest.main(["--output-dir", str(out), *extra])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {msg}"
+    assert not out.exists()
