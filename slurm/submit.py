@@ -221,10 +221,13 @@ def _triage(specs: list[TaskSpec], force: bool) -> tuple[list[TaskSpec], dict]:
         UserError: ``<dir>/task.json: <field> <old> (task.json) != <new> (now) ...`` without
             ``force``; with ``force`` when that other run is still queued / running.
     """
-    from .status import task_status
+    from .status import SlurmView, task_status
+    jobs = [read_json(s.dir / STATE_JSON).get("job_id") or t.get("job_id") for s in specs
+            if (t := read_json(s.dir / TASK_JSON)).get("executor") == "slurm"]
+    view = SlurmView.query([j for j in jobs if j])  # one sacct and one squeue call for every task
     checked = []
     for s in specs:
-        st = task_status(s.dir)
+        st = task_status(s.dir, view)
         diff = input_difference(s, read_json(s.dir / TASK_JSON).get("spec") or {})
         if diff and not force:
             raise UserError(f"{s.dir / TASK_JSON}: {diff}: this folder holds another run "
