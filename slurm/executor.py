@@ -43,6 +43,25 @@ class ClusterOptions:
     signal_delay_s: int = 120
     exclusive: bool = False
 
+    def __post_init__(self) -> None:
+        """Raises UserError (naming the command-line option) for a count out of range."""
+        for name, value, low in (("array-parallelism", self.array_parallelism, 1),
+                                 ("max-num-timeout", self.max_num_timeout, 0),
+                                 ("signal-delay-s", self.signal_delay_s, 0)):
+            check_int(f"--{name}", value, low)
+
+
+def check_int(option: str, value, low: int, high: int | None = None) -> int:
+    """``value`` as an int in ``[low, high]``.
+
+    Raises:
+        UserError: ``<option> <value>: must be an integer >= low`` (one line) otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or high is not None and value > high:
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise UserError(f"{option} {value}: must be an integer {rng}")
+    return value
+
 
 def slurm_available() -> bool:
     """True when ``sbatch`` exists AND ``scontrol ping`` reaches a controller (submitit alone picks

@@ -65,12 +65,14 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the main job; returns ``{"stages": {stage: seconds}, "results": {task id: outcome}}``.
 
     Raises:
-        UserError: a missing data root, unknown preset or task name.
+        UserError: a missing data root, unknown preset or task name, ``--array-parallelism`` < 1,
+            a negative seed.
     """
     from slurm.executor import ClusterOptions, resolve_executor
     from slurm.submit import dispatch, plan
 
     args = build_parser().parse_args(argv)
+    opts = ClusterOptions(array_parallelism=args.array_parallelism, job_name="main")  # UserError when < 1
     t0 = time.time()
     data_root = str(resolve_data_root(args.data_root).resolve())
     out = Path(args.output_dir).resolve()
@@ -80,7 +82,6 @@ def main(argv: list[str] | None = None) -> dict:
     n_pre = sum(s.kind == "pretrain" for s in specs)
     print(f"main job: {n_pre} pretrainings + {len(specs) - n_pre} transfer tasks on {kind} "
           f"({args.array_parallelism} at a time); data {data_root}; output {out}", flush=True)
-    opts = ClusterOptions(array_parallelism=args.array_parallelism, job_name="main")
     sub = dispatch(specs, out, kind, opts, force=args.force, wait=True,
                    progress=lambda msg: print(msg, flush=True))
     total = time.time() - t0

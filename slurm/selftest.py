@@ -5,7 +5,8 @@
 from torch's RNG. It saves ``checkpoint-latest.pth`` (weights, step, RNG states) after every step
 and resumes from it, so an interrupted-and-requeued run ends with exactly the same metrics as an
 uninterrupted one — which is what the Slurm tests check. With ``fail_at_step=k`` it raises at step
-k (a failing task). Under DDP (``WORLD_SIZE`` > 1) each rank takes a slice of the minibatch and the
+k (a failing task) unless the run resumed from a checkpoint: a transient fault, so the same task
+submitted again (same inputs) resumes past it. Under DDP (``WORLD_SIZE`` > 1) each rank takes a slice of the minibatch and the
 gradients are all-reduced (gloo). As a "pretraining" (no ``--backbone``) it also writes an
 official-format ``{'model', 'args'}`` checkpoint whose ``args`` mimics MAE / CrossMAE's
 ``main_pretrain.py`` (``--config mae|crossmae``), so the leaderboard's metadata path is exercised.
@@ -51,8 +52,21 @@ def _config(args) -> dict:
     for k, v in parse_cfg_options(args.cfg_options).items():
         if k not in DEFAULTS:
             raise UserError(f"--cfg-options {k}: unknown key (known: {', '.join(sorted(DEFAULTS))})")
-        cfg[k] = type(DEFAULTS[k])(v)
+        typ = type(DEFAULTS[k])
+        try:
+            cfg[k] = typ(v)
+        except (TypeError, ValueError):
+            raise UserError(f"--cfg-options {k}={v}: expected {typ.__name__}")
+        low = _LOW.get(k)
+        if low is not None and not low <= cfg[k] < float("inf"):
+            raise UserError(f"--cfg-options {k}={v}: must be >= {low}")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed {args.seed}: must be an integer in [0, 4294967295]")
     return cfg
+
+
+#: lower bounds of the numeric settings (``fail_at_step`` may be any integer; < 0 = never)
+_LOW = {"steps": 1, "step_seconds": 0.0, "dim": 1, "batch": 1, "lr": 0.0}
 
 
 @cli_entry
@@ -61,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     Raises:
         UserError: bad config / options or a missing ``--backbone`` file.
-        RuntimeError: at step ``fail_at_step`` (deliberate failure).
+        RuntimeError: at step ``fail_at_step`` of a run that did not resume (deliberate failure).
     """
     args = build_parser().parse_args(argv)
     cfg = _config(args)
@@ -86,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         with open(out / "log.txt", "a") as f:
             f.write(f"attempt start_step={start} world_size={world} pid={os.getpid()}\n")
     for step in range(start, cfg["steps"]):
-        if step == cfg["fail_at_step"]:
+        if step == cfg["fail_at_step"] and state is None:
             raise RuntimeError(f"selftest: injected failure at step {step}")
         idx = torch.randint(0, x.shape[0], (cfg["batch"],))
         idx = idx.chunk(world)[rank] if world > 1 else idx

@@ -4,8 +4,10 @@ States: ``pending`` (queued, requeued, or waiting for a dependency), ``running``
 (``metrics.json`` exists), ``failed`` (with the first line of its error and the path of its log),
 ``cancelled``. Sources, in order: ``metrics.json``; the task's ``task_state.json`` (written by the
 running task); for Slurm jobs ``sacct`` (one call for all jobs), which also catches jobs killed
-without a Python error (time limit, out of memory, node failure, ``scancel``); for local jobs
-whether the recorded process still lives.
+without a Python error (time limit, out of memory, node failure, ``scancel``), and ``squeue`` (the
+live controller: fresher than sacct, and how an array element cancelled before it started is told
+apart from one still waiting, see :func:`_slurm_state`); for local jobs whether the recorded
+process still lives.
 
 Example::
 
@@ -51,7 +53,9 @@ class TaskStatus:
 
 
 def sacct_states(job_ids: list[str]) -> dict[str, str]:
-    """Job id → Slurm state (first word) for ``job_ids``; ``{}`` when sacct is unavailable."""
+    """Job id → Slurm state (first word) for ``job_ids``, from the accounting database; ``{}`` when
+    sacct is unavailable. A pending array keeps one record ``<id>_[1-2,4%1]`` for its unstarted
+    elements."""
     if not job_ids:
         return {}
     try:
@@ -68,14 +72,71 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
     return out
 
 
-def _slurm_state(job_id: str, states: dict[str, str]) -> str | None:
-    if job_id in states:
-        return states[job_id]
+def squeue_states(job_ids: list[str]) -> dict[str, str] | None:
+    """Job id → state of every job (array elements one by one, ``-r``) the controller still holds,
+    finished ones included (``-t all``: kept ``MinJobAge`` seconds); fresher than sacct, which lags
+    by a second or more. None when the controller does not answer."""
+    if not job_ids:
+        return {}
+    try:
+        p = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j",
+                            ",".join(sorted({j.split("_")[0] for j in job_ids}))],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if p.returncode != 0:  # "Invalid job id specified": the controller answered and holds none of them
+        return {} if "invalid job id" in p.stderr.lower() else None
+    out = {}
+    for ln in p.stdout.splitlines():
+        parts = ln.strip().split("|")
+        if len(parts) == 2 and parts[1]:
+            out[parts[0]] = parts[1]
+    return out
+
+
+@dataclass
+class SlurmView:
+    """What the scheduler says about a set of jobs: ``sacct`` (:func:`sacct_states`) and ``squeue``
+    (:func:`squeue_states`, None when the controller did not answer)."""
+
+    sacct: dict
+    squeue: dict | None = None
+
+    @classmethod
+    def query(cls, job_ids: list[str]) -> "SlurmView":
+        """Both sources for ``job_ids`` (one call each)."""
+        return cls(sacct_states(job_ids), squeue_states(job_ids))
+
+    def known(self, base: str) -> bool:
+        """Whether either source holds any record of array / job ``base``."""
+        return any(k == base or k.startswith(base + "_") for src in (self.sacct, self.squeue or {}) for k in src)
+
+
+#: what :func:`_slurm_state` says of an array element that left the array without ever starting
+#: (not a Slurm state; :func:`task_status` reports the task as cancelled)
+REMOVED = "REMOVED"
+
+
+def _slurm_state(job_id: str, states: "SlurmView | dict[str, str]") -> str | None:
+    """The job's Slurm state, or None when neither source knows it (yet).
+
+    An array element cancelled while pending (``scancel <id>_3``) leaves no record at all: Slurm
+    removes it from the array's pending record (sacct shows ``<id>_[1-2,4%1]``) and never starts
+    it. So an element that the live controller does not hold, that sacct has neither as its own
+    record nor inside a pending range, while the array itself is known, was cancelled before it
+    started (:data:`REMOVED`). Without a live controller that is not concluded (None).
+    """
+    view = states if isinstance(states, SlurmView) else SlurmView(states)
+    for src in (view.squeue or {}, view.sacct):
+        if job_id in src:
+            return src[job_id]
     if "_" in job_id:  # array element not started yet: sacct shows "<id>_[0-5%2]"
         base, idx = job_id.split("_", 1)
-        for k, v in states.items():
+        for k, v in view.sacct.items():
             if k.startswith(base + "_[") and _in_range(idx, k[len(base) + 2:-1]):
                 return v
+        if view.squeue is not None and view.known(base):
+            return REMOVED
     return None
 
 
@@ -110,9 +171,11 @@ def _last_error_line(log: str | None) -> str | None:
     return lines[-1][:300] if lines else None
 
 
-def task_status(d: str | os.PathLike, sacct: dict[str, str] | None = None, tid: str | None = None) -> TaskStatus:
+def task_status(d: str | os.PathLike, sacct: "SlurmView | dict[str, str] | None" = None,
+                tid: str | None = None) -> TaskStatus:
     """The state of the task in folder ``d`` (see the module doc). ``sacct``: a prefetched
-    :func:`sacct_states` map (queried here when None and the task ran on Slurm)."""
+    :class:`SlurmView` (or a bare :func:`sacct_states` map); queried here when None and the task
+    ran on Slurm."""
     d = Path(d)
     task = read_json(d / TASK_JSON)
     st = read_json(d / STATE_JSON)
@@ -132,8 +195,10 @@ def task_status(d: str | os.PathLike, sacct: dict[str, str] | None = None, tid: 
         ts.state = "cancelled"
         return ts
     if ts.executor == "slurm" and job_id:
-        states = sacct if sacct is not None else sacct_states([job_id])
+        states = sacct if sacct is not None else SlurmView.query([job_id])
         sl = _slurm_state(job_id, states)
+        if sl == REMOVED:  # it did start when the task says so: a record will show up; trust the task
+            sl = None if state in ("running", "requeued") else "CANCELLED"
         ts.scheduler_state = sl
         if sl in _SLURM_PENDING:  # sacct lags the start by up to a second: trust a running task
             ts.state, ts.active = ("running" if state == "running" else "pending"), True
@@ -186,7 +251,7 @@ def collect(root: str | os.PathLike) -> list[TaskStatus]:
         t = read_json(d / TASK_JSON)
         if t.get("executor") == "slurm":
             jobs.append(read_json(d / STATE_JSON).get("job_id") or t.get("job_id"))
-    states = sacct_states([j for j in jobs if j])
+    states = SlurmView.query([j for j in jobs if j])
     return [task_status(d, states, tid=str(d.relative_to(root))) for d in dirs]
 
 

@@ -20,7 +20,9 @@ per task type (``map_array``) with ``--dependency=afterok:<pretraining jobs>`` w
 come from this submission, and a final leaderboard job (``afterany`` on every array). Locally the
 same graph runs in order (at most ``--array-parallelism`` tasks at a time) with a progress display.
 A task whose metrics exist is skipped (``--force`` moves its folder aside to ``<dir>.old-<time>``
-and reruns it); a task already queued or running is not submitted twice.
+and reruns it); a task already queued or running is not submitted twice; a task folder whose
+``task.json`` records other inputs (data root, backbone, config, overrides, ...) is refused with
+exit status 2 unless ``--force`` (folder moved aside, rerun from scratch).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from pathlib import Path
 from benchmarks.suites import Resources, Suite, TaskDef, get_suite
 from crossmae.utils import REPO_ROOT, UserError, atomic_write_json, cli_entry, resolve_data_root
 
-from .executor import EXECUTORS, ClusterOptions, make_executor, resolve_executor
+from .executor import EXECUTORS, ClusterOptions, check_int, make_executor, resolve_executor
 from .tasks import METRICS_JSON, PRETRAIN_PREFIX, STATE_JSON, TASK_JSON, TaskRunner, TaskSpec, read_json, run_leaderboard, write_state
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -122,6 +124,8 @@ def plan(suite: Suite, out: Path, *, backbones: dict[str, str] | None = None, pr
         raise UserError(f"--pretrain: name {sorted(set(backbones) & set(pretrains))[0]!r} also used by --backbone")
     if not seeds or len(set(seeds)) != len(list(seeds)):
         raise UserError(f"--seeds {' '.join(map(str, seeds))}: give distinct seeds")
+    for seed in seeds:
+        check_int("--seeds", seed, 0, 2**32 - 1)
     out = out.resolve()
     specs: list[TaskSpec] = []
     chosen = suite.select(tasks)
@@ -143,7 +147,7 @@ def plan(suite: Suite, out: Path, *, backbones: dict[str, str] | None = None, pr
         td = suite.pretrain
         a = arch or suite.default_arch
         _check_config(td, config, "--pretrain")
-        res = td.resources_for(a).replace(**(pretrain_resources or {}))
+        res = td.resources_for(a).replace("--pretrain-resources", **(pretrain_resources or {}))
         d = out / "pretrain" / name
         specs.append(TaskSpec(id=f"pretrain/{name}", suite=suite.name, task="pretrain", protocol=td.protocol,
                               module=td.module, config=config, kind="pretrain", backbone_name=name, backbone=None,
@@ -193,18 +197,58 @@ def _record(spec: TaskSpec, kind: str, job, folder: Path) -> None:
                       spec.dir / TASK_JSON)
 
 
+#: the spec fields that are a task's inputs (``resources`` may change between submissions; these not)
+INPUT_FIELDS = ("suite", "task", "protocol", "module", "config", "kind", "backbone", "seed", "data_root", "arch",
+                "cfg_options", "args")
+
+
+def input_difference(spec: TaskSpec, recorded: dict) -> str | None:
+    """The first input of ``spec`` that differs from a ``task.json``'s recorded spec, as
+    ``"data_root /a (task.json) != /b (now)"``; None when every input (:data:`INPUT_FIELDS`) matches."""
+    def show(v) -> str:
+        return (" ".join(map(str, v)) if isinstance(v, list) else "" if v is None else str(v)) or "(none)"
+
+    now = spec.to_dict()
+    for k in INPUT_FIELDS:
+        if k in recorded and recorded[k] != now[k]:
+            return f"{k} {show(recorded[k])} (task.json) != {show(now[k])} (now)"
+    return None
+
+
 def _triage(specs: list[TaskSpec], force: bool) -> tuple[list[TaskSpec], dict]:
-    """Drop tasks already done (unless ``force``: folder moved aside) or queued / running."""
-    from .status import task_status
-    todo, skipped = [], {}
+    """Drop tasks already done (unless ``force``: folder moved aside) or queued / running.
+
+    Every task is checked before anything is written: a folder whose ``task.json`` records other
+    inputs (:func:`input_difference`: data root, backbone, seed, suite, config, overrides, ...) is
+    another run's, so it is refused unless ``force``, which moves it aside and starts afresh.
+
+    Raises:
+        UserError: ``<dir>/task.json: <field> <old> (task.json) != <new> (now) ...`` without
+            ``force``; with ``force`` when that other run is still queued / running.
+    """
+    from .status import SlurmView, task_status
+    jobs = [read_json(s.dir / STATE_JSON).get("job_id") or t.get("job_id") for s in specs
+            if (t := read_json(s.dir / TASK_JSON)).get("executor") == "slurm"]
+    view = SlurmView.query([j for j in jobs if j])  # one sacct and one squeue call for every task
+    checked = []
     for s in specs:
-        st = task_status(s.dir)
+        st = task_status(s.dir, view)
+        diff = input_difference(s, read_json(s.dir / TASK_JSON).get("spec") or {})
+        if diff and not force:
+            raise UserError(f"{s.dir / TASK_JSON}: {diff}: this folder holds another run "
+                            "(use another --output-dir, or --force to move it aside and rerun)")
+        if diff and st.active and st.state in ("pending", "running"):
+            raise UserError(f"{s.dir / TASK_JSON}: {diff}, and that run is still {st.state} as job {st.job_id} "
+                            "(cancel it first: python -m slurm.cancel)")
+        checked.append((s, st, diff))
+    todo, skipped = [], {}
+    for s, st, diff in checked:
         if st.state == "done" and not force:
             skipped[s.id] = "done (metrics.json exists; --force reruns)"
         elif st.state in ("pending", "running") and st.job_id and st.active:
             skipped[s.id] = f"already {st.state} as job {st.job_id}"
         else:
-            if force and s.dir.exists() and (s.dir / METRICS_JSON).exists():
+            if force and s.dir.exists() and ((s.dir / METRICS_JSON).exists() or diff):
                 stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
                 s.dir.rename(s.dir.with_name(f"{s.dir.name}.old-{stamp}"))
             elif st.state in ("cancelled", "failed") and (s.dir / STATE_JSON).exists():
@@ -229,15 +273,16 @@ def dispatch(specs: list[TaskSpec], out: Path, executor: str = "auto", opts: Clu
         progress: a callable receiving one-line progress messages (``None`` for silence).
 
     Raises:
-        UserError: Slurm asked for but unreachable, or the scheduler refused a submission.
+        UserError: Slurm asked for but unreachable, the scheduler refused a submission, or a task
+            folder's ``task.json`` records other inputs (see :func:`_triage`).
     """
     opts = opts or ClusterOptions()
     kind = resolve_executor(executor)
     out = Path(out).resolve()
+    todo, skipped = _triage(specs, force)  # may refuse (UserError) before anything is written
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "jobs"
     say = progress or (lambda *_: None)
-    todo, skipped = _triage(specs, force)
     sub = Submission(executor=kind, out=out, specs=specs, skipped=skipped)
     for tid, why in skipped.items():
         say(f"skip {tid}: {why}")
@@ -464,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-name", default="crossmae")
     p.add_argument("--max-num-timeout", type=int, default=3, help="time-outs allowed before giving up a task")
     p.add_argument("--exclusive", action="store_true", help="request whole nodes")
-    p.add_argument("--force", action="store_true", help="rerun tasks whose metrics exist (old folder kept)")
+    p.add_argument("--force", action="store_true",
+                   help="rerun tasks whose metrics exist, or whose task.json records other inputs (old folder kept)")
     p.add_argument("--wait", action="store_true", help="on Slurm, wait for every job and print outcomes")
     p.add_argument("--no-leaderboard", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the task list and resources, submit nothing")
@@ -484,9 +530,12 @@ def specs_from_args(args, suite: Suite) -> list[TaskSpec]:
 
 
 def options_from_args(args, kind: str) -> ClusterOptions:
-    par = args.array_parallelism or (256 if kind == "slurm" else 2)
-    if par < 1:
-        raise UserError(f"--array-parallelism {par}: must be >= 1")
+    """Scheduler options from parsed arguments.
+
+    Raises:
+        UserError: ``--array-parallelism`` < 1 or ``--max-num-timeout`` < 0 (see :class:`ClusterOptions`).
+    """
+    par = args.array_parallelism if args.array_parallelism is not None else (256 if kind == "slurm" else 2)
     return ClusterOptions(partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
                           array_parallelism=par, job_name=args.job_name, max_num_timeout=args.max_num_timeout,
                           exclusive=args.exclusive)
@@ -497,6 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Plan, then submit (or print with ``--dry-run``). Returns ``{"executor", "jobs": {id: job id},
     "skipped", "results"}``."""
     args = build_parser().parse_args(argv)
+    options_from_args(args, "local")  # numeric options checked before anything else (nothing written)
     suite = get_suite(args.suite)
     specs = specs_from_args(args, suite)
     if args.dry_run:

@@ -17,9 +17,9 @@ import pytest
 
 from benchmarks.suites import get_suite
 from slurm import local_cluster, selftest
-from slurm.cancel import cancel
+from slurm.cancel import FINISHED, cancel, main as cancel_main
 from slurm.executor import ClusterOptions
-from slurm.status import collect
+from slurm.status import collect, main as status_main
 from slurm.submit import dispatch, plan
 
 pytestmark = pytest.mark.slurm
@@ -139,7 +139,7 @@ def test_cancel_stops_a_running_task_and_status_shows_it(out, tmp_path):
     row = collect(out)[0]
     assert (row.state, row.job_id) == ("running", str(sub.jobs[specs[0].id].job_id))
     assert row.scheduler_state in ("RUNNING", "PENDING")  # sacct may lag the start by a second
-    assert cancel(out) == [specs[0].id]
+    assert cancel(out) == {specs[0].id: "cancelled"}
     _wait(lambda: subprocess.run(["sacct", "-n", "-X", "-j", str(sub.jobs[specs[0].id].job_id), "-o", "State"],
                                  capture_output=True, text=True).stdout.strip().startswith("CANCELLED"),
           60, "sacct to show CANCELLED")
@@ -212,3 +212,48 @@ def test_pretraining_jobs_then_transfer_arrays_after_them(out, tmp_path):
     rows = list(__import__("csv").DictReader((out / "leaderboard.csv").open()))
     assert {(r["backbone"], r["method"], r["prediction_ratio"]) for r in rows} == {
         ("mae", "mae", "0.75"), ("crossmae", "crossmae", "0.25")}
+
+
+def test_a_pending_array_element_cancelled_outside_is_cancelled_and_a_resubmit_runs_it(out, capsys):
+    """``scancel <array>_3`` while element 3 waits: Slurm drops it from the array without any
+    accounting record; status must say cancelled (not pending forever) and a re-submit runs it."""
+    specs = plan(SUITE, out, backbones={"a": __file__}, seeds=[0, 1, 2, 3], cfg_options=["steps=3"])
+    opts = ClusterOptions(array_parallelism=1, job_name="t-scancel")
+    sub = dispatch(specs, out, "slurm", opts, leaderboard=False, progress=None)
+    third = specs[3]
+    jid = str(sub.jobs[third.id].job_id)
+    assert jid.endswith("_3")
+    subprocess.run(["scancel", jid], check=True, capture_output=True, timeout=30)
+    _wait(lambda: {r.id: r.state for r in collect(out)}[third.id] == "cancelled", 30, f"{jid} to read as cancelled")
+    assert all(r.state != "cancelled" for r in collect(out) if r.id != third.id)
+    capsys.readouterr()
+    status_main([str(out), "--state", "cancelled"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:3] == [third.id, "cancelled", jid] and table[-1] == "total: 1 cancelled"
+    again = dispatch(plan(SUITE, out, backbones={"a": __file__}, seeds=[0, 1, 2, 3], cfg_options=["steps=3"]), out,
+                     "slurm", opts, leaderboard=False, progress=None)
+    assert list(again.jobs) == [third.id] and len(again.skipped) == 3  # the others: queued, running or done
+    assert str(again.jobs[third.id].job_id) != jid
+    _done(again.jobs[third.id])
+    for s in specs[:3]:
+        _done(sub.jobs[s.id])
+    assert {r.id: r.state for r in collect(out)} == {s.id: "done" for s in specs}
+    assert all((s.dir / "metrics.json").is_file() for s in specs)  # no seed missing from the leaderboard
+
+
+def test_cancel_of_a_task_that_finishes_in_the_kill_grace_period_reports_it_done(out, tmp_path, capsys):
+    """scancel sends SIGTERM, which submitit ignores; the task has ~2 s left, less than KillWait
+    (5 s), so it finishes before the SIGKILL: cancel must say so and keep the result as done."""
+    cfg = ["steps=6", "step_seconds=1.5"]
+    specs = plan(SUITE, out, backbones={"a": __file__}, cfg_options=cfg)
+    sub = dispatch(specs, out, "slurm", ClusterOptions(), leaderboard=False, progress=None)
+    d = specs[0].dir
+    _wait(lambda: _steps_done(d) >= 5, 90, "5 checkpointed steps")
+    capsys.readouterr()
+    assert cancel_main([str(out)]) == {specs[0].id: FINISHED}
+    assert capsys.readouterr().out.splitlines() == [
+        "cancelled 0 task(s)", "1 task(s) finished before the cancel took effect (kept as done)", f"  {specs[0].id}"]
+    assert json.loads((d / "metrics.json").read_text())["metrics"] == _reference_metrics(tmp_path, cfg)
+    assert json.loads((d / "task_state.json").read_text())["state"] == "done"
+    assert [r.state for r in collect(out)] == ["done"]
+    _done(sub.jobs[specs[0].id])

@@ -94,8 +94,9 @@ def test_failed_task_resubmitted_resumes_to_the_uninterrupted_metrics(tmp_path, 
                    out, "debug", leaderboard=False, progress=None)
     d = out / "b/selftest-default/seed0"
     assert list(sub.results.values())[0].startswith("failed") and not (d / "metrics.json").exists()
-    sub = dispatch(plan(SUITE, out, backbones={"b": __file__}, cfg_options=["steps=12"]), out, "debug",
-                   leaderboard=False, progress=None)
+    # the same inputs again (a changed config would be another run): the fault was transient
+    sub = dispatch(plan(SUITE, out, backbones={"b": __file__}, cfg_options=["steps=12", "fail_at_step=7"]), out,
+                   "debug", leaderboard=False, progress=None)
     assert list(sub.results.values()) == ["done"]
     assert "start_step=7" in (d / "log.txt").read_text()  # resumed, not restarted
     got = json.loads((d / "metrics.json").read_text())["metrics"]
@@ -111,8 +112,8 @@ def test_cancel_marks_unstarted_tasks_and_never_touches_finished_ones(tmp_path, 
     waiting.mkdir(parents=True)
     (waiting / "task_state.json").write_text(json.dumps({"state": "requeued"}))
     (waiting / "task.json").write_text(json.dumps({"spec": {"id": "c/selftest-default/seed0"}, "executor": "local"}))
-    ids = cancel_main([str(out)])
-    assert ids == ["c/selftest-default/seed0"]
+    assert cancel_main([str(out)]) == {"c/selftest-default/seed0": "cancelled"}
+    assert capsys.readouterr().out == "cancelled 1 task(s)\n  c/selftest-default/seed0\n"
     rows = {r.id: r.state for r in collect(out)}
     assert rows == {"b/selftest-default/seed0": "done", "c/selftest-default/seed0": "cancelled"}
 
@@ -146,7 +147,7 @@ def test_local_executor_processes_failure_log_and_cancel(tmp_path):
     assert rows[bad.id].state == "failed" and rows[bad.id].error == "RuntimeError: selftest: injected failure at step 2"
     assert Path(rows[bad.id].log).is_file() and "injected failure" in Path(rows[bad.id].log).read_text()
     assert Path(rows[bad.id].log).is_relative_to(out / "jobs")  # job folder under the output directory
-    assert cancel_main([str(out)]) == [long.id]
+    assert cancel_main([str(out)]) == {long.id: "cancelled"}
     th.join(120)
     assert not th.is_alive()
     assert box["sub"].results[bad.id].startswith("failed: RuntimeError")
@@ -163,3 +164,96 @@ def test_a_cancelled_task_submitted_again_runs(tmp_path):
     # a cancelled task is resubmitted by a new dispatch (its state is reset, it runs)
     sub = dispatch(specs, out, "debug", leaderboard=False, progress=None)
     assert sub.results == {specs[0].id: "done"} and (specs[0].dir / "metrics.json").is_file()
+
+
+def _tree(root: Path) -> dict:
+    """Every file under ``root`` with its bytes and mtime (to prove nothing changed)."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("first,again,field", [
+    ([], ["--data-root", "OTHER"], "data_root"),
+    ([], ["--cfg-options", "steps=3", "lr=0.1"], "cfg_options"),
+    ([], ["--arch", "vit_large_patch16"], "arch"),
+    ([], ["--backbone-file", "OTHER"], "backbone"),
+    (["--cfg-options", "steps=3", "fail_at_step=1"], ["--data-root", "OTHER"], "data_root"),  # unfinished
+])
+def test_resubmit_with_other_inputs_is_refused_unless_force(tmp_path, capsys, no_pdb, first, again, field):
+    """A folder whose task.json records other inputs is another run: exit 2 naming task.json and the
+    difference, nothing changed; --force moves it aside and reruns with the new inputs."""
+    from slurm.submit import main as submit_main
+    out, d1 = tmp_path / "run", tmp_path / "data1"
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"another checkpoint")
+
+    def argv(extra):
+        bb, extra = (str(other), []) if extra == ["--backbone-file", "OTHER"] else (__file__, list(extra))
+        extra = [str(tmp_path / "data2") if a == "OTHER" else a for a in extra]
+        return ["--suite", "selftest", "--backbone", f"b={bb}", "--output-dir", str(out), "--executor", "debug",
+                "--no-leaderboard", "--data-root", str(d1), "--cfg-options", "steps=3", *extra]  # later wins
+
+    submit_main(argv(first))
+    d = out / "b/selftest-default/seed0"
+    assert (d / "task.json").is_file() and (d / "metrics.json").is_file() == (not first)
+    before = _tree(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        submit_main(argv(again))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {d / 'task.json'}: {field} ") and "\n" not in err
+    assert "--force" in err
+    assert _tree(out) == before  # nothing written, moved or touched
+    res = submit_main(argv(again) + ["--force"])
+    assert res["results"] == {"b/selftest-default/seed0": "done"}
+    old = list(d.parent.glob("seed0.old-*"))
+    assert len(old) == 1 and _tree(old[0]) == {k[len("b/selftest-default/seed0/"):]: v for k, v in before.items()
+                                               if k.startswith("b/selftest-default/seed0/")}
+    spec = json.loads((d / "task.json").read_text())["spec"]
+    now = {"data_root": str(tmp_path / "data2"), "cfg_options": ["steps=3", "lr=0.1"], "arch": "vit_large_patch16",
+           "backbone": str(other)}[field]
+    assert spec[field] == now
+    assert (d / "log.txt").read_text().count("start_step=") == 1  # started afresh, not resumed from the other run
+    assert "start_step=0" in (d / "log.txt").read_text()
+
+
+def test_resubmit_with_the_same_inputs_and_new_resources_skips(tmp_path):
+    out = tmp_path / "run"
+    dispatch(plan(SUITE, out, backbones={"b": __file__}, cfg_options=["steps=2"], data_root="/d"), out, "debug",
+             leaderboard=False, progress=None)
+    again = dispatch(plan(SUITE, out, backbones={"b": __file__}, cfg_options=["steps=2"], data_root="/d",
+                          resources={"mem_gb": "3"}), out, "debug", leaderboard=False, progress=None)
+    assert not again.jobs and list(again.skipped.values())[0].startswith("done")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_cancel_refuses_a_nonsense_timeout_and_changes_nothing(tmp_path, capsys, value):
+    out = tmp_path / "run"
+    waiting = out / "c/selftest-default/seed0"
+    waiting.mkdir(parents=True)
+    (waiting / "task_state.json").write_text(json.dumps({"state": "requeued"}))
+    (waiting / "task.json").write_text(json.dumps({"spec": {"id": "c/selftest-default/seed0"}, "executor": "local"}))
+    before = _tree(out)
+    with pytest.raises(SystemExit) as e:
+        cancel_main([str(out), "--timeout", value])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: --timeout {float(value)}: must be a positive number of seconds"
+    assert _tree(out) == before
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--cfg-options", "steps=abc"], "--cfg-options steps=abc: expected int"),
+    (["--cfg-options", "steps=0"], "--cfg-options steps=0: must be >= 1"),
+    (["--cfg-options", "batch=-4"], "--cfg-options batch=-4: must be >= 1"),
+    (["--cfg-options", "step_seconds=-1"], "--cfg-options step_seconds=-1: must be >= 0.0"),
+    (["--cfg-options", "lr=nan"], "--cfg-options lr=nan: must be >= 0.0"),
+    (["--seed", "-1"], "--seed -1: must be an integer in [0, 4294967295]"),
+])
+def test_selftest_refuses_nonsense_numbers_and_writes_nothing(tmp_path, capsys, extra, msg):
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        selftest.main(["--output-dir", str(out), *extra])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {msg}"
+    assert not out.exists()

@@ -140,3 +140,44 @@ def test_main_job_refuses_a_missing_data_root(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nodata'}: data root does not exist " \
                                               "(set --data-root or $CROSSMAE_DATA_ROOT)"
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--array-parallelism", "0"], "--array-parallelism 0: must be an integer >= 1"),
+    (["--array-parallelism", "-3"], "--array-parallelism -3: must be an integer >= 1"),
+    (["--max-num-timeout", "-1"], "--max-num-timeout -1: must be an integer >= 0"),
+    (["--seeds", "0", "-2"], "--seeds -2: must be an integer in [0, 4294967295]"),
+    (["--seeds", str(2**32)], f"--seeds {2**32}: must be an integer in [0, 4294967295]"),
+    (["--resources", "cpus_per_task=0"], "--resources cpus_per_task=0: must be >= 1"),
+    (["--resources", "nodes=-1"], "--resources nodes=-1: must be >= 1"),
+    (["--resources", "timeout_min=0"], "--resources timeout_min=0: must be >= 1"),
+    (["--resources", "gpus_per_node=-1"], "--resources gpus_per_node=-1: must be >= 0"),
+    (["--resources", "mem_gb=-2"], "--resources mem_gb=-2: must be a positive number"),
+    (["--resources", "mem_gb=nan"], "--resources mem_gb=nan: must be a positive number"),
+    (["--pretrain", "mae", "--pretrain-resources", "tasks_per_node=0"],
+     "--pretrain-resources tasks_per_node=0: must be >= 1"),
+])
+def test_submit_refuses_nonsense_numbers_and_writes_nothing(tmp_path, capsys, extra, msg):
+    """Without the checks, 0 parallelism silently became the default and ran the task."""
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        submit_main(["--suite", "selftest", "--backbone", f"a={__file__}", "--output-dir", str(out),
+                     "--executor", "local", "--no-leaderboard", *extra])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {msg}"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--array-parallelism", "0"], "--array-parallelism 0: must be an integer >= 1"),
+    (["--array-parallelism", "-1"], "--array-parallelism -1: must be an integer >= 1"),
+    (["--seeds", "-1"], "--seeds -1: must be an integer in [0, 4294967295]"),
+])
+def test_main_job_refuses_nonsense_numbers_and_writes_nothing(tmp_path, capsys, data_root, extra, msg):
+    from slurm.main_job import main as main_job
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        main_job(["--data-root", str(data_root), "--output-dir", str(out), "--tasks", "places", *extra])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {msg}"
+    assert not out.exists()

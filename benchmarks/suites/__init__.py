@@ -46,22 +46,27 @@ class Resources:
     timeout_min: int = 30
     gpu_type: str = "cpu"
 
-    def replace(self, **overrides) -> "Resources":
-        """A copy with ``overrides`` (field name → value, strings converted to the field's type).
+    def replace(self, option: str = "--resources", /, **overrides) -> "Resources":
+        """A copy with ``overrides`` (field name → value, strings converted to the field's type);
+        ``option`` names the command-line option in errors.
 
         Raises:
-            UserError: unknown field or a value of the wrong type.
+            UserError: unknown field, a value of the wrong type, or out of range (nodes,
+                tasks_per_node, cpus_per_task, timeout_min >= 1; gpus_per_node >= 0; mem_gb > 0).
         """
         fields = {f.name: f for f in dataclasses.fields(self)}
         conv = {}
         for k, v in overrides.items():
             if k not in fields:
-                raise UserError(f"--resources {k}={v}: unknown resource (known: {', '.join(fields)})")
+                raise UserError(f"{option} {k}={v}: unknown resource (known: {', '.join(fields)})")
             typ = {"int": int, "float": float, "str": str}[str(fields[k].type)]
             try:
                 conv[k] = typ(v)
             except (TypeError, ValueError):
-                raise UserError(f"--resources {k}={v}: expected {typ.__name__}")
+                raise UserError(f"{option} {k}={v}: expected {typ.__name__}")
+            low = 0 if k == "gpus_per_node" else 1
+            if typ is int and conv[k] < low or typ is float and not 0 < conv[k] < float("inf"):
+                raise UserError(f"{option} {k}={v}: must be " + (f">= {low}" if typ is int else "a positive number"))
         return dataclasses.replace(self, **conv)
 
     def to_dict(self) -> dict:
