@@ -284,12 +284,13 @@ def _unsupported_global(msg: str) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # distributed
 # --------------------------------------------------------------------------------------------------
-def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
+def init_distributed(backend: str | None = None, force: bool = False) -> tuple[int, int, int]:
     """Initialise ``torch.distributed`` from torchrun / Slurm-submitit environment variables.
 
     Uses ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` when present (set
     by torchrun, or by ``submitit.helpers.TorchDistributedEnvironment().export()``). With no such
-    variables, or ``WORLD_SIZE=1``, nothing is initialised.
+    variables, or ``WORLD_SIZE=1``, nothing is initialised — unless ``force`` (a one-process group,
+    e.g. to check NCCL on a single GPU; then ``MASTER_ADDR`` / ``MASTER_PORT`` must be set).
 
     Returns:
         ``(rank, world_size, local_rank)``.
@@ -297,9 +298,9 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not force:
         return 0, 1, 0
-    rank = int(os.environ["RANK"])
+    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if backend is None:
