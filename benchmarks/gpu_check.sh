@@ -88,7 +88,7 @@ summary, name, rc, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.
 path = sys.argv[5] if len(sys.argv) > 5 else ""
 note = sys.argv[6] if len(sys.argv) > 6 else ""
 doc = json.load(open(summary)) if os.path.exists(summary) else {"steps": {}}
-status = {0: "passed", 124: "timed_out", 137: "timed_out"}.get(rc, "failed")
+status = {0: "passed", 124: "timed_out", 137: "timed_out", -1: "skipped"}.get(rc, "failed")
 if note.startswith("no CUDA"):
     status = "no_cuda"
 step = {"status": status, "rc": rc, "seconds": round(secs, 1)}
@@ -114,7 +114,7 @@ step() {
   local name="$1" cap="$2"; shift 2
   local left; left=$(remaining)
   if [ "$left" -lt 15 ]; then
-    echo "=== $name: skipped (budget spent)"; merge "$name" 124 0 "" "skipped: budget of ${BUDGET}s spent"
+    echo "=== $name: skipped (budget spent)"; merge "$name" -1 0 "" "budget of ${BUDGET}s spent"
     FAILED=1; return
   fi
   local t=$(( cap < left ? cap : left ))
