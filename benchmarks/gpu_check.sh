@@ -183,7 +183,7 @@ EOF
 fi
 
 if want pytest; then
-  STEP_FILE="$RAW/pytest.txt" step pytest 110 bash -c \
+  STEP_FILE="$RAW/pytest.txt" step pytest 130 bash -c \
     "set -o pipefail; '$PY' -m pytest -m cuda -q -rA -p no:cacheprovider tests/test_cuda.py 2>&1 | tee '$RAW/pytest.txt'"
 fi
 

@@ -143,8 +143,9 @@ def test_attention_backends_agree_in_bf16(shape):
 
 def test_gpu_pipeline_decodes_like_the_cpu_path(data_root):
     """decode_jpeg on the GPU (nvjpeg) against libjpeg-turbo on the CPU: JPEG decoders may differ in
-    IDCT and chroma upsampling, so within a few levels; the augmented batch then matches the CPU
-    path's within that plus the resize tolerance."""
+    IDCT and chroma upsampling, so within a few levels (bound set loosely for the first run: the
+    measured values are printed); the augmented batch then matches the CPU path's within that plus
+    the resize tolerance."""
     from crossmae.data import EncodedPretrainFolder, GPUBatchAugment, build_pretrain_dataset, load_rgb
     folder = data_root / "imagenet" / "train"
     enc = EncodedPretrainFolder(folder, 64, subset=32)
@@ -158,14 +159,17 @@ def test_gpu_pipeline_decodes_like_the_cpu_path(data_root):
         ref = torch.from_numpy(np.asarray(load_rgb(s["path"])).copy()).permute(2, 0, 1)
         assert img.device.type == "cuda" and img.shape == ref.shape and img.dtype == torch.uint8
         mean_diffs.append((img.cpu().int() - ref.int()).abs().float().mean().item())
-    assert max(mean_diffs) < 2.0, mean_diffs
+    print(f"nvjpeg vs libjpeg-turbo: mean |diff| per image max {max(mean_diffs):.3f}, "
+          f"average {sum(mean_diffs) / len(mean_diffs):.3f} levels")
+    assert max(mean_diffs) < 4.0, mean_diffs     # a channel swap or a wrong crop is tens of levels off
     x, labels = aug(enc.collate_fn(items))
     torch.manual_seed(3)
     ref = torch.stack([cpu[i][0] for i in range(len(cpu))])
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
     d = ((x.cpu() - ref) * std).abs()
     assert x.shape == (32, 3, 64, 64) and labels.device.type == "cuda"
-    assert d.mean() < 2.0, d.mean()
+    print(f"GPU pipeline vs CPU pipeline (64 px): mean |diff| {d.mean():.3f}, max {d.max():.1f} levels")
+    assert d.mean() < 4.0, d.mean()
 
 
 def test_inductor_compile_matches_eager_on_cuda():
