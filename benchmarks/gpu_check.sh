@@ -160,7 +160,7 @@ from benchmarks.pretrain_speed import measure_matmul_tflops, datasheet_peak_tflo
 dev = torch.device("cuda")
 env = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-       "nccl": ".".join(map(str, torch.cuda.nccl.version())), "device": torch.cuda.get_device_name(dev),
+       "nccl": str(torch.cuda.nccl.version()), "device": torch.cuda.get_device_name(dev),
        "capability": list(torch.cuda.get_device_capability(dev)),
        "memory_gb": torch.cuda.get_device_properties(dev).total_memory / 1024**3,
        "cpu_count": os.cpu_count(), "data_root": os.environ.get("CROSSMAE_DATA_ROOT"),
@@ -213,7 +213,7 @@ if want compile; then
   for v in crossmae-0.25 mae crossmae-0.75; do
     STEP_FILE="$RAW/compile_$v.json" step "compile_$v" 150 "$PY" -m benchmarks.pretrain_speed --device cuda \
       --dtype bf16 --batch-size 256 --sizes base --variants "$v" --steps 5 --warmup 2 --compile \
-      --out "$RAW/compile_$v.json"
+      --measure-peak --out "$RAW/compile_$v.json"
   done
 fi
 
