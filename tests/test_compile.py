@@ -85,3 +85,17 @@ def test_pretrain_compile_option(data_root, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: config compile: expected True, False or a torch.compile backend name" in err
     assert "'sometimes'" in err and not out.exists()
+
+
+def test_vitdet_compile_option_compiles_only_the_vit():
+    from crossmae.utils import REPO_ROOT, load_config
+    from transfer.vitdet.model import build_model
+    cfg = load_config("smoke", None, REPO_ROOT / "configs" / "coco")
+    assert cfg.model.compile is False
+    plain = build_model(cfg.model.to_dict())
+    comp = build_model(dict(cfg.model.to_dict(), compile="aot_eager"))
+    assert plain.backbone.net._compiled_call_impl is None
+    assert comp.backbone.net._compiled_call_impl is not None and comp._compiled_call_impl is None
+    assert list(comp.state_dict()) == list(plain.state_dict())
+    with pytest.raises(UserError, match="config model.compile: expected True, False"):
+        build_model(dict(cfg.model.to_dict(), compile="sometimes"))

@@ -204,3 +204,25 @@ def test_pretrain_with_torchvision_decoder_equals_pil(data_root, tmp_path):
     a = pretrain.main(_pretrain_argv(data_root, tmp_path / "pil"))
     b = pretrain.main(_pretrain_argv(data_root, tmp_path / "tv", "decoder=torchvision"))
     assert a["metrics"]["loss"] == b["metrics"]["loss"]
+
+
+def test_gpu_pipeline_through_dataloader_workers_matches_cpu_pipeline(data_root):
+    """With 2 DataLoader workers and the same loader generator seed, the encoded pipeline (decoded and
+    augmented by pretrain_batches, here on the CPU) yields the CPU pipeline's batches within resize
+    tolerance: the workers draw the same crops in both pipelines."""
+    from crossmae.utils import seed_worker
+    folder = data_root / "imagenet" / "train"
+
+    def batches(ds):
+        loader = torch.utils.data.DataLoader(ds, batch_size=6, num_workers=2, worker_init_fn=seed_worker,
+                                             generator=torch.Generator().manual_seed(11), shuffle=True,
+                                             collate_fn=getattr(ds, "collate_fn", None))
+        return [(x.clone(), y.clone()) for x, y in pretrain_batches(loader, "cpu")]
+
+    cpu = batches(build_pretrain_dataset(folder, 32, subset=24))
+    enc = batches(EncodedPretrainFolder(folder, 32, subset=24))
+    assert len(cpu) == len(enc) == 4
+    for (xc, yc), (xe, ye) in zip(cpu, enc):
+        assert torch.equal(yc, ye)
+        d = ((xe - xc) * STD255).abs()
+        assert d.mean() < 0.3 and d.max() <= 10

@@ -353,7 +353,7 @@ def build_vit(m: dict) -> ViTDetViT:
 
 def build_model(m: dict) -> ViTDetMaskRCNN:
     """Build the detector from the ``model`` config section (all detectron2 values in the presets)."""
-    net = maybe_compile(build_vit(m), m.get("compile", False))  # in place: state-dict keys unchanged
+    net = maybe_compile(build_vit(m), m.get("compile", False), "config model.compile")  # in place: keys unchanged
     backbone = SimpleFeaturePyramid(net, out_channels=m["out_channels"], scale_factors=m["scale_factors"],
                                     square_pad=m["img_size"])
     r = m["rpn"]
