@@ -61,7 +61,7 @@ def _simplejpeg_loader(path: str):
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB"), "RGB")
+        return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB"))
     except (ValueError, RuntimeError):   # CMYK, not a JPEG, corrupt
         return load_rgb(path)
 
@@ -74,7 +74,7 @@ def _cv2_loader(path: str):
     bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if bgr is None:
         return load_rgb(path)
-    return Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), "RGB")
+    return Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 
 def _importable(name: str) -> bool:

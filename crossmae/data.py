@@ -103,7 +103,7 @@ def load_rgb_turbo(path: str) -> Image.Image:
             chw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
             return load_rgb(path)
-        return Image.fromarray(chw.permute(1, 2, 0).contiguous().numpy(), "RGB")
+        return Image.fromarray(chw.permute(1, 2, 0).contiguous().numpy())
     return load_rgb(path)
 
 
