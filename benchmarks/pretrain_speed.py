@@ -209,7 +209,8 @@ class Runner:
             before = torch.cuda.memory_allocated(self.device)
             self.step()
             self.sync()
-            return torch.cuda.max_memory_allocated(self.device) - before + resident, resident
+            self.raw_peak = torch.cuda.max_memory_allocated(self.device)   # all models of the process
+            return self.raw_peak - before + resident, resident
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             self.step()
@@ -288,6 +289,8 @@ def bench_size(label: str, arch: str, img: int, variants, args, device: torch.de
         if not args.no_memory:
             peak, res = r.peak_memory()
             row.update({"peak_mem_mb": peak / 2**20, "resident_mem_mb": res / 2**20})
+            if getattr(r, "raw_peak", None) is not None:
+                row["cuda_max_memory_allocated_mb"] = r.raw_peak / 2**20
         if args.profile:
             path = out_dir / f"profile_{label}_{r.label}.txt"
             atomic_write_text(r.profile_table(), path)
