@@ -35,7 +35,6 @@ rewritten atomically after every figure, so an interrupted run keeps what it mea
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import statistics
@@ -229,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _table(doc: dict) -> str:
     ws = sorted({int(w) for r in doc["paths"].values() for w in r.get("total_img_s", {})})
-    hdr = f"{'path':<18}{'per worker':>11}{'cpu-time':>10}{'x PIL':>7}{'cpu x':>7}" + "".join(f"{f'{w} workers':>12}" for w in ws) + f"{'gpu stage':>11}"
+    hdr = (f"{'path':<18}{'per worker':>11}{'cpu-time':>10}{'x PIL':>7}{'cpu x':>7}"
+           + "".join(f"{f'{w} workers':>12}" for w in ws) + f"{'gpu stage':>11}")
     lines = [f"images/s at {doc['input_size']}px, batch {doc['batch_size']} ({doc['environment']['cpu_count']} CPUs)",
              hdr, "-" * len(hdr)]
     for name, r in doc["paths"].items():
@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{folder}: image folder does not exist (ImageFolder layout <class>/*.JPEG)")
     cuda = torch.cuda.is_available()
     if args.paths is None:
-        paths = [p for p in PATHS if p != "gpu" and (p not in NEEDS or _importable(NEEDS[p]))] + (["gpu"] if cuda else [])
+        paths = [p for p in PATHS if p != "gpu" and (p not in NEEDS or _importable(NEEDS[p]))]
+        paths += ["gpu"] if cuda else []
     else:
         paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     for p in paths:

@@ -47,7 +47,8 @@ import torch
 
 from crossmae.attention import ATTN_IMPLS, set_attn_impl
 from crossmae.models import ARCHS, create_model
-from crossmae.utils import UserError, atomic_write_json, atomic_write_text, check_compile_option, cli_entry, maybe_compile
+from crossmae.utils import (UserError, atomic_write_json, atomic_write_text, check_compile_option, cli_entry,
+                            maybe_compile)
 
 from .flops import count_flops
 

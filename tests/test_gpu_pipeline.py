@@ -6,7 +6,6 @@ the same code runs with device='cpu'.
 """
 from __future__ import annotations
 
-import io
 import shutil
 
 import numpy as np
