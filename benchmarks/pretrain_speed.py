@@ -47,7 +47,8 @@ import torch
 
 from crossmae.attention import ATTN_IMPLS, set_attn_impl
 from crossmae.models import ARCHS, create_model
-from crossmae.utils import UserError, atomic_write_json, atomic_write_text, cli_entry
+from crossmae.utils import (UserError, atomic_write_json, atomic_write_text, check_compile_option, cli_entry,
+                            maybe_compile)
 
 from .flops import count_flops
 
@@ -116,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-backward-flops", action="store_true", help="count forward FLOPs only")
     p.add_argument("--profile", action="store_true",
                    help="also write a torch.profiler op table per variant next to --out")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+                   help="torch.compile the models (crossmae.utils.maybe_compile, dynamic=False); optional "
+                        "backend name (default inductor). The warm-up steps include the compilation.")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 peak for the MFU column (default: the datasheet value for known GPUs, "
+                        f"e.g. H100/H200 SXM {989.4})")
+    p.add_argument("--measure-peak", action="store_true",
+                   help="also time an 8192^3 bf16 matmul (CUDA) and report MFU against that measured rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"JSON results path (default {DEFAULT_OUT})")
     return p
@@ -201,7 +210,8 @@ class Runner:
             before = torch.cuda.memory_allocated(self.device)
             self.step()
             self.sync()
-            return torch.cuda.max_memory_allocated(self.device) - before + resident, resident
+            self.raw_peak = torch.cuda.max_memory_allocated(self.device)   # all models of the process
+            return self.raw_peak - before + resident, resident
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             self.step()
@@ -234,14 +244,20 @@ def bench_size(label: str, arch: str, img: int, variants, args, device: torch.de
         if method not in models:
             model = create_model(f"{method}_{arch}", img_size=img).to(device).train()
             set_attn_impl(model, args.attn_impl)
+            maybe_compile(model, args.compile, option="--compile", dynamic=False)
             opt, kind = make_optimizer(model, device)
             models[method] = (model, opt, kind)
         model, opt, kind = models[method]
         runners.append(Runner(vlabel, method, gamma, model, opt, kind, imgs, args.mask_ratio, device, args.dtype))
 
+    warm = {r.label: 0.0 for r in runners}
     for _ in range(args.warmup):
         for r in runners:
+            r.sync()
+            t0 = time.perf_counter()
             r.step()
+            r.sync()
+            warm[r.label] += time.perf_counter() - t0
     rounds: list[dict[str, float]] = []
     for i in range(args.steps):
         order = runners[i % len(runners):] + runners[:i % len(runners)]
@@ -260,14 +276,22 @@ def bench_size(label: str, arch: str, img: int, variants, args, device: torch.de
             "optimizer": f"AdamW ({r.opt_kind})",
             "step_s_median": med, "step_s_min": min(r.times), "step_s_all": r.times,
             "cpu_s_median": statistics.median(r.cpu_times), "cpu_s_all": r.cpu_times,
-            "img_per_s": args.batch_size / med,
+            "img_per_s": args.batch_size / med, "warmup_s": warm[r.label],
         }
-        flops = count_flops(model, args.mask_ratio, r.gamma, device=device, backward=not args.no_backward_flops,
-                            seed=args.seed)
+        with torch.compiler.set_stance("force_eager"):     # count the eager graph's FLOPs
+            flops = count_flops(model, args.mask_ratio, r.gamma, device=device,
+                                backward=not args.no_backward_flops, seed=args.seed)
         row.update({f"gflops_{k}": v / 1e9 for k, v in flops.items()})
+        if "total_fwdbwd" in flops:
+            achieved = flops["total_fwdbwd"] * row["img_per_s"] / 1e12
+            row["model_tflops_s"] = achieved
+            for key, peak in (args.peaks or {}).items():
+                row[f"mfu_vs_{key}"] = achieved / peak
         if not args.no_memory:
             peak, res = r.peak_memory()
             row.update({"peak_mem_mb": peak / 2**20, "resident_mem_mb": res / 2**20})
+            if getattr(r, "raw_peak", None) is not None:
+                row["cuda_max_memory_allocated_mb"] = r.raw_peak / 2**20
         if args.profile:
             path = out_dir / f"profile_{label}_{r.label}.txt"
             atomic_write_text(r.profile_table(), path)
@@ -307,7 +331,42 @@ def format_table(res: dict, batch: int) -> str:
             f"{(fb if fb is not None else float('nan')):>8.2f}"
             f"{r.get('fwd_flops_reduction_vs_mae', float('nan')):>8.2f}x"
             f"{r.get('decoder_flops_reduction_vs_mae', float('nan')):>8.2f}x")
+    for r in res["rows"]:
+        mfu = ", ".join(f"MFU vs {k[7:]} {v * 100:.1f}%" for k, v in r.items() if k.startswith("mfu_vs_"))
+        if "model_tflops_s" in r:
+            lines.append(f"  {r['variant']}: {r['model_tflops_s']:.1f} model TFLOP/s" + (f", {mfu}" if mfu else "")
+                         + f"; warm-up {r['warmup_s']:.1f} s")
     return "\n".join(lines)
+
+
+#: Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets, by device-name
+#: substring: H100 / H200 SXM 989.4 (the PCIe/NVL H100 is lower: 756), A100 312.
+DATASHEET_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0))
+
+
+def datasheet_peak_tflops(device: torch.device) -> float | None:
+    """The datasheet dense bf16 peak of ``device`` (:data:`DATASHEET_BF16_TFLOPS`), None if unknown/CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in DATASHEET_BF16_TFLOPS if k in name), None)
+
+
+def measure_matmul_tflops(device: torch.device, n: int = 8192, iters: int = 10) -> float:
+    """TFLOP/s of an n×n×n bf16 matmul on random data (3 warm-ups, mean of ``iters``, CUDA events):
+    the practical ceiling the MFU is also reported against (an H200 of this workplace gave ~790)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
 
 
 def environment(device: torch.device) -> dict:
@@ -339,16 +398,22 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out}: is a directory; give a .json file path")
+    check_compile_option(args.compile, "--compile")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise UserError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    if args.measure_peak and device.type != "cuda":
+        raise UserError("--measure-peak: times a bf16 matmul on CUDA; the device is cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.peaks = {}
+    spec = args.peak_tflops if args.peak_tflops is not None else datasheet_peak_tflops(device)
+    if spec:
+        args.peaks["spec"] = spec
+    if args.measure_peak:
+        args.peaks["measured_matmul"] = measure_matmul_tflops(device)
     load0 = os.getloadavg()
     t0 = time.time()
-    results = []
-    for label, arch, img in sizes:
-        res = bench_size(label, arch, img, variants, args, device, out.parent)
-        print(format_table(res, args.batch_size), flush=True)
-        print(flush=True)
-        results.append(res)
+    results: list[dict] = []
     doc = {
         "command": "python -m benchmarks.pretrain_speed " + " ".join(sys.argv[1:] if argv is None else argv),
         "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -365,11 +430,21 @@ def main(argv: list[str] | None = None) -> dict:
                    "+ params/optimizer state"),
         "flops": "torch.utils.flop_counter.FlopCounterMode per image (matmul/conv/SDPA; 1 MAC = 2 FLOPs); "
                  "decoder = total − encoder",
+        "compile": args.compile,
+        "mfu": "model FLOPs utilisation = fwd+bwd FLOPs per image (FlopCounterMode, eager graph) x img/s / peak; "
+               "peaks (TFLOP/s): " + (", ".join(f"{k} {v:.1f}" for k, v in args.peaks.items()) or "none known"),
+        "peak_tflops": args.peaks,
         "environment": environment(device),
-        "loadavg_start": load0, "loadavg_end": os.getloadavg(), "wall_s": time.time() - t0,
+        "loadavg_start": load0,
         "results": results,
     }
-    atomic_write_json(doc, out)
+    for label, arch, img in sizes:
+        res = bench_size(label, arch, img, variants, args, device, out.parent)
+        print(format_table(res, args.batch_size), flush=True)
+        print(flush=True)
+        results.append(res)
+        doc.update(loadavg_end=os.getloadavg(), wall_s=time.time() - t0, complete=len(results) == len(sizes))
+        atomic_write_json(doc, out)     # after every size: an interrupted run keeps what it measured
     print(f"wrote {out}")
     if device.type == "cpu" and max(load0 + os.getloadavg()) > (os.cpu_count() or 1):
         print(f"note: load average {load0[0]:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: "

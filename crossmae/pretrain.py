@@ -48,7 +48,7 @@ from .checkpoint import CheckpointManager, unwrap
 from .runs import code_version
 from .utils import (REPO_ROOT, UserError, atomic_write_json, atomic_write_text, cli_entry, config_hash,
                     init_distributed, is_main_process, load_config, resolve_data_root, safe_torch_load,
-                    seed_everything, seed_worker, sha256_file)
+                    check_compile_option, maybe_compile, seed_everything, seed_worker, sha256_file)
 from .zoo import is_uri, resolve_backbone
 
 PRESET_DIR = REPO_ROOT / "configs" / "pretrain"
@@ -126,6 +126,7 @@ def plan_from_config(cfg) -> Plan:
         raise UserError(f"config warmup_epochs: must be in [0, epochs={cfg.epochs}], got {cfg.warmup_epochs}")
     if cfg.amp not in AMP_MODES:
         raise UserError(f"config amp: {cfg.amp!r} is not one of {AMP_MODES}")
+    check_compile_option(cfg.get("compile", False))
     kw: dict[str, Any] = dict(img_size=size, decoder_depth=cfg.decoder_depth, norm_pix_loss=cfg.norm_pix_loss,
                               attn_impl=cfg.attn_impl, masking=cfg.masking)
     if method == "crossmae":
@@ -423,7 +424,9 @@ def _main(argv: list[str] | None) -> dict:
 
     from .data import build_pretrain_dataset
     folder = resolve_data_root(args.data_root) / cfg.data_subdir
-    dataset = build_pretrain_dataset(folder, cfg.input_size, subset=cfg.data_subset, verify=cfg.verify_images)
+    dataset = build_pretrain_dataset(folder, cfg.input_size, subset=cfg.data_subset, verify=cfg.verify_images,
+                                     pipeline=cfg.get("data_pipeline", "cpu"), decoder=cfg.get("decoder", "pil"),
+                                     device=device)
     per_rank = math.ceil(len(dataset) / world)
     steps_per_epoch = per_rank // cfg.batch_size // accum
     if steps_per_epoch < 1:
@@ -453,12 +456,13 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
     import timm.optim
     import torch.distributed as dist
 
-    from .data import loader_generator
+    from .data import loader_generator, pretrain_batches
 
     cfg_dict = plain(cfg.to_dict())
     if main_proc:
         atomic_write_text(config_text(cfg_dict), output_dir / "config.py")
     model.to(device)
+    maybe_compile(model, cfg.get("compile", False))  # in place: state-dict keys unchanged
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -513,7 +517,9 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
         pin_memory=bool(cfg.pin_mem) and device.type == "cuda", drop_last=True,
-        worker_init_fn=seed_worker, generator=generator, persistent_workers=False)
+        worker_init_fn=seed_worker, generator=generator, persistent_workers=False,
+        collate_fn=getattr(dataset, "collate_fn", None))
+    loader = pretrain_batches(loader, device)  # GPU pipeline: decode + augment on the device
 
     if state is None:
         last_good = f"none written yet in {output_dir}"

@@ -446,12 +446,13 @@ def _unsupported_global(msg: str) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # distributed
 # --------------------------------------------------------------------------------------------------
-def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
+def init_distributed(backend: str | None = None, force: bool = False) -> tuple[int, int, int]:
     """Initialise ``torch.distributed`` from torchrun / Slurm-submitit environment variables.
 
     Uses ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` when present (set
     by torchrun, or by ``submitit.helpers.TorchDistributedEnvironment().export()``). With no such
-    variables, or ``WORLD_SIZE=1``, nothing is initialised.
+    variables, or ``WORLD_SIZE=1``, nothing is initialised — unless ``force`` (a one-process group,
+    e.g. to check NCCL on a single GPU; then ``MASTER_ADDR`` / ``MASTER_PORT`` must be set).
 
     Returns:
         ``(rank, world_size, local_rank)``.
@@ -459,9 +460,9 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not force:
         return 0, 1, 0
-    rank = int(os.environ["RANK"])
+    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if backend is None:
@@ -483,3 +484,56 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------------
+def compile_backends() -> list[str]:
+    """Names ``torch.compile`` accepts as ``backend`` here (``inductor``, ``aot_eager``, ``eager``, …)."""
+    import torch._dynamo
+    return sorted(torch._dynamo.list_backends(exclude_tags=()))
+
+
+def check_compile_option(value: Any, option: str = "config compile") -> None:
+    """Validate a ``compile`` config value: ``False``, ``True`` (the default ``inductor`` backend) or
+    a backend name from :func:`compile_backends` (``'aot_eager'`` traces and differentiates without
+    generating code: the cheap check on CPU).
+
+    Raises:
+        UserError: any other value, naming ``option``.
+    """
+    if isinstance(value, bool):
+        return
+    if isinstance(value, str) and value in compile_backends():
+        return
+    raise UserError(f"{option}: expected True, False or a torch.compile backend name "
+                    f"(e.g. inductor, aot_eager, eager), got {value!r}")
+
+
+def maybe_compile(module: torch.nn.Module, enabled: Any, option: str = "config compile",
+                  **options) -> torch.nn.Module:
+    """Compile ``module`` in place with ``torch.compile`` when ``enabled`` asks for it; return it.
+
+    Uses ``nn.Module.compile`` (the module's own call is compiled), so parameter names and
+    ``state_dict()`` keys stay exactly as in eager mode: no ``_orig_mod.`` prefix ever reaches a
+    checkpoint, and DDP / optimizers / loaders see the same object. Compilation itself happens
+    lazily at the first call (and again for each new input shape).
+
+    Args:
+        module: the model or sub-module (e.g. the ViTDet ViT) to compile.
+        enabled: the config's ``compile`` value: ``False`` (eager), ``True`` (backend ``inductor``)
+            or a backend name (see :func:`check_compile_option`).
+        option: the option's name for the error message.
+        options: passed on to ``torch.compile`` (e.g. ``mode="max-autotune"``).
+
+    Raises:
+        UserError: an invalid ``enabled`` value (checked before anything is compiled).
+    """
+    check_compile_option(enabled, option)
+    if enabled is False:
+        return module
+    if isinstance(enabled, str):
+        options.setdefault("backend", enabled)
+    module.compile(**options)
+    return module

@@ -11,6 +11,7 @@ model = dict(
     window_size=14,
     global_blocks=[2, 5, 8, 11],          # window_block_indexes = the other 8 blocks
     use_rel_pos=True,                     # zero init, every block
+    compile=False,                        # torch.compile the ViT backbone (in place; not detectron2's)
     out_channels=256,
     scale_factors=[4.0, 2.0, 1.0, 0.5],   # + p6 by max-pool (LastLevelMaxPool)
     num_classes=80,

@@ -29,6 +29,7 @@ mixup_switch_prob = 0.5
 mixup_mode = 'batch'
 aug = dict(auto_augment='rand-m9-mstd0.5-inc1', color_jitter=None, reprob=0.25, remode='pixel', recount=1)
 amp = True                         # bf16 autocast on CUDA (no effect on CPU)
+compile = False                    # torch.compile the model (True = inductor, or a backend name; in place)
 num_workers = 10
 eval_interval = 1
 save_interval = 0                  # periodic checkpoint-<epoch>.pth every N epochs (0: latest only)

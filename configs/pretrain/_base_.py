@@ -16,6 +16,7 @@ self_attn = False                     # decoder self-attention among queries (Ta
 norm_pix_loss = True
 masking = 'random'                    # random | grid
 attn_impl = 'sdpa'
+compile = False                       # torch.compile the model (True = inductor, or a backend name; in place)
 
 # --- optimisation -----------------------------------------------------------------------------
 total_batch_size = 4096               # effective batch; accum_iter = total / (batch_size * world)
@@ -35,6 +36,8 @@ amp = 'bf16'                          # bf16 | fp16 | none (autocast on CUDA onl
 data_subdir = 'imagenet/train'        # ImageFolder below --data-root
 data_subset = None                    # use only N images (smoke runs)
 verify_images = False                 # decode every image before training (slow on full ImageNet)
+data_pipeline = 'cpu'                 # cpu | gpu (workers read bytes; decode + augment on CUDA) | auto
+decoder = 'pil'                       # CPU path's JPEG decoder: pil | torchvision (same pixels; docs/benchmarks.md)
 num_workers = 10
 pin_mem = True
 

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from crossmae.checkpoint import CheckpointManager, unwrap
 from crossmae.lr_sched import vit_layer_id
-from crossmae.utils import UserError, init_distributed, resolve_data_root, seed_everything, seed_worker
+from crossmae.utils import (UserError, init_distributed, maybe_compile, resolve_data_root, seed_everything,
+                            seed_worker)
 
 from . import common as C
 from .data import ImageDataset, eval_transform, finetune_train_transform, load_train_val
@@ -136,6 +137,7 @@ def _run(args, cfg, task, out, ckpt_path, log, rank, world, device):
     val_ds = ImageDataset(val_data, eval_transform(cfg.input_size))
     model, report = build_finetune_model(args.backbone, cfg, num_classes)
     model.to(device)
+    maybe_compile(model, cfg.get("compile", False))  # in place: state-dict keys unchanged
     per_gpu, lr = C.effective_lr(cfg, world)
     optimizer = build_optimizer(model, cfg, lr)
     mixup = build_mixup(cfg, num_classes)

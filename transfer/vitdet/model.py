@@ -25,6 +25,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import roi_align
 
+from crossmae.utils import maybe_compile
+
 from .backbone import ConvLN, SimpleFeaturePyramid, ViTDetViT, _c2_msra_fill
 from .masks import paste_masks
 
@@ -393,7 +395,7 @@ def build_vit(m: dict) -> ViTDetViT:
 
 def build_model(m: dict) -> ViTDetMaskRCNN:
     """Build the detector from the ``model`` config section (all detectron2 values in the presets)."""
-    net = build_vit(m)
+    net = maybe_compile(build_vit(m), m.get("compile", False), "config model.compile")  # in place: keys unchanged
     backbone = SimpleFeaturePyramid(net, out_channels=m["out_channels"], scale_factors=m["scale_factors"],
                                     square_pad=m["img_size"])
     r = m["rpn"]
