@@ -339,6 +339,9 @@ def check_override(path: str | os.PathLike, key: str, value: Any, preset: Any) -
     Raises:
         UserError: one line naming the config file, the key, the value and what is expected.
     """
+    if key.rsplit(".", 1)[-1] == "compile":  # bool or a backend name (torch.compile options)
+        check_compile_option(value, f"{path}: --cfg-options {key}")
+        return
     rule = CONFIG_RULES.get(key.rsplit(".", 1)[-1])
     numeric = rule is not None and (preset is None or isinstance(preset, (int, float, list, tuple))) \
         and not isinstance(preset, bool)
@@ -368,6 +371,9 @@ def check_config_values(path: str | os.PathLike, cfg_dict: dict, prefix: str = "
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             check_config_values(path, v, key + ".")
+            continue
+        if k == "compile":
+            check_compile_option(v, f"{path}: config {key}")
             continue
         rule = CONFIG_RULES.get(str(k))
         if rule is not None and v is not None and not rule.ok(v):

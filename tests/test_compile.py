@@ -83,7 +83,7 @@ def test_pretrain_compile_option(data_root, tmp_path, capsys):
         pretrain.main(argv(out, "compile=sometimes"))
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "error: config compile: expected True, False or a torch.compile backend name" in err
+    assert "smoke_crossmae.py: --cfg-options compile: expected True, False or a torch.compile backend name" in err
     assert "'sometimes'" in err and not out.exists()
 
 
