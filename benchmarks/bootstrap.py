@@ -267,7 +267,7 @@ class CocoScorer:
         (``eval["precision"][t, :, k, 0, -1]`` summed over the 101 recall thresholds), ``(b, T, K)``,
         and the category validity ``(b, K)`` (non-ignored ground truth in the resample), for
         multiplicities ``w`` (b, n)."""
-        w = np.asarray(w)
+        w = np.asarray(w, dtype=np.int32)  # counts ≤ n: int32 halves the memory traffic
         b, T, R = w.shape[0], len(self.iou_thrs), len(self.REC_THRS)
         sums = np.zeros((b, T, len(self.cats)))
         valid = np.zeros((b, len(self.cats)), bool)
@@ -280,11 +280,11 @@ class CocoScorer:
                 continue
             ws = w[:, c.img_s]  # (b, S)
             if c.img_a.size:
-                ca = np.zeros((b, c.img_a.size + 1), np.int64)
+                ca = np.zeros((b, c.img_a.size + 1), np.int32)
                 np.cumsum(w[:, c.img_a], axis=1, out=ca[:, 1:])
-                cum_all = ca[:, c.a_before] + np.cumsum(ws, axis=1)
+                cum_all = ca[:, c.a_before] + np.cumsum(ws, axis=1, dtype=np.int32)
             else:
-                cum_all = np.cumsum(ws, axis=1)
+                cum_all = np.cumsum(ws, axis=1, dtype=np.int32)
             # smallest weighted TP count whose recall reaches each threshold (COCOeval compares floats)
             safe = np.where(npig > 0, npig, 1.0)
             lev = np.ceil(self.REC_THRS[None, :] * safe[:, None]).astype(np.int64)  # (b, R)
@@ -292,20 +292,21 @@ class CocoScorer:
             lev = np.where(lev / safe[:, None] < self.REC_THRS[None, :], lev + 1, lev)
             for t in range(T):
                 pos = c.tp_pos[t]
-                if pos.size == 0:
+                P = pos.size
+                if P == 0:
                     continue
-                tpc = np.cumsum(ws[:, pos], axis=1)  # (b, P) weighted TP count at each TP position
-                fpc = cum_all[:, pos] - tpc
-                if c.has_ig:
-                    fpc -= np.cumsum(ws * c.ig_s[t], axis=1)[:, pos]
-                # precision at each TP position, made monotone from the right; a column of 0 past
-                # the end stands for "recall never reached" (COCOeval leaves those entries at 0)
-                env = np.zeros((b, pos.size + 1))
-                env[:, :-1] = tpc / (tpc + fpc + self._eps)
-                env[:, :-1] = np.maximum.accumulate(env[:, -2::-1], axis=1)[:, ::-1]
+                tpc = np.cumsum(ws[:, pos], axis=1, dtype=np.int64)  # (b, P) weighted TP count at each TP position
+                den = cum_all[:, pos]  # weighted count of every detection ranked up to here
+                if c.has_ig:  # ... less those ignored at this threshold: tp + fp
+                    den = den - np.cumsum(ws * c.ig_s[t], axis=1, dtype=np.int32)[:, pos]
+                # precision at each TP position, made monotone from the right (written reversed
+                # into env); the column of 0 past the end stands for "recall never reached"
+                env = np.empty((b, P + 1))
+                env[:, P] = 0.0
+                np.maximum.accumulate((tpc / (den + self._eps))[:, ::-1], axis=1, out=env[:, P - 1::-1])
                 big = int(max(tpc[:, -1].max(), lev.max())) + 2  # row offset: rows never interleave
-                flat = (tpc + rows[:, None] * big).ravel()
-                idx = np.searchsorted(flat, (lev + rows[:, None] * big).ravel(), side="left")
+                tpc += rows[:, None] * big
+                idx = np.searchsorted(tpc.ravel(), (lev + rows[:, None] * big).ravel(), side="left")
                 idx += np.repeat(rows, R)  # flat index into env (one extra column per row)
                 sums[:, t, k] = env.ravel()[idx].reshape(b, R).sum(1)
         return sums, valid
@@ -406,30 +407,61 @@ def scorer_for_run(metrics: dict, run_dir: str | Path, iou_types=("bbox", "segm"
 # --------------------------------------------------------------------------------------------------
 # the bootstrap over a group of runs on the same images
 # --------------------------------------------------------------------------------------------------
+_WORK: tuple | None = None  # (keys, scorers) of the running bootstrap, inherited by forked workers
+
+
+def _score_chunks(job: tuple) -> dict:
+    worker, workers, n, resamples, seed, chunk = job
+    keys, scorers = _WORK
+    out = {}
+    for ci, w in enumerate(resample_weights(n, resamples, seed, chunk)):
+        if ci % workers == worker:
+            out[ci] = {k: scorers[k].score(w) for k in keys}
+    return out
+
+
 def bootstrap_values(scorers: dict, resamples: int = RESAMPLES, seed: int = SEED,
-                     chunk: int = 250) -> dict:
+                     chunk: int = 250, workers: int | None = None) -> dict:
     """Score every run of a group on the same image resamples.
 
     Args:
         scorers: ``{run key: scorer}``; every scorer must have the same ``images`` (the pairing).
+        workers: processes (forked; each regenerates the resample stream and scores every
+            ``workers``-th chunk, so the result does not depend on it). Default: 1 for small jobs
+            (< 2·10⁷ image-resamples), else ``min(2, os.cpu_count())``.
     Returns:
         ``{run key: {metric: (resamples,) float64}}`` (row b of every run uses the same images).
     Raises:
         UserError: the scorers were evaluated on different images.
     """
+    import multiprocessing
+    import os
+    global _WORK
     keys = list(scorers)
     ref = scorers[keys[0]].images
     for k in keys[1:]:
         if list(scorers[k].images) != list(ref):
             raise UserError(f"bootstrap: runs {keys[0]} and {k} were evaluated on different images")
-    out = {k: {} for k in keys}
-    parts: dict = {k: {} for k in keys}
-    for w in resample_weights(len(ref), resamples, seed, chunk):
-        for k in keys:
-            for m, v in scorers[k].score(w).items():
-                parts[k].setdefault(m, []).append(v)
+    n = len(ref)
+    n_chunks = -(-resamples // chunk)
+    if workers is None:
+        workers = 1 if n * resamples < 2e7 else min(2, os.cpu_count() or 1)
+    workers = max(1, min(workers, n_chunks))
+    _WORK = (keys, scorers)
+    try:
+        if workers == 1:
+            parts = _score_chunks((0, 1, n, resamples, seed, chunk))
+        else:
+            parts = {}
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for got in pool.map(_score_chunks, [(j, workers, n, resamples, seed, chunk) for j in range(workers)]):
+                    parts.update(got)
+    finally:
+        _WORK = None
+    out = {}
     for k in keys:
-        out[k] = {m: np.concatenate(v) for m, v in parts[k].items()}
+        metrics = parts[0][k].keys()
+        out[k] = {m: np.concatenate([parts[ci][k][m] for ci in range(n_chunks)]) for m in metrics}
     return out
 
 

@@ -8,7 +8,8 @@ each with 100 detections per image (jittered copies of the ground truth with qua
 scores, the rest background boxes with low scores), as a Mask R-CNN's ``maxDets=100`` output.
 
 Prints a table (pycocotools ``evaluate`` once per backbone, the per-image weighted accumulation of
-all resamples, total) and writes it as JSON. Box AP only: the mask AP bootstrap runs the same
+all resamples for both backbones: wall and CPU seconds, total) and writes it as JSON, with the
+1-minute load average (the figure is only as good as the machine was idle). Box AP only: the mask AP bootstrap runs the same
 accumulation on the segm ``evaluate`` (whose own cost is pycocotools', paid once per run anyway).
 """
 from __future__ import annotations
@@ -66,11 +67,19 @@ def synthetic(n_images: int, seed: int = 0, noise=(0.08, 0.10)):
     return {"images": images, "annotations": anns, "categories": cats}, results
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (the bootstrap's workers)."""
+    import resource
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bootstrap_speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--resamples", type=int, default=10_000)
     p.add_argument("--chunk", type=int, default=250)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: bootstrap_values' choice)")
     p.add_argument("--out", default="bootstrap_speed.json")
     a = p.parse_args(argv)
     from pycocotools.coco import COCO
@@ -86,21 +95,23 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     scorers = {f"backbone{b}": CocoScorer(gt, r, "bbox") for b, r in enumerate(results)}
     t_eval = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    vals = bootstrap_values(scorers, a.resamples, seed=0, chunk=a.chunk)
-    t_boot = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), _cpu()
+    vals = bootstrap_values(scorers, a.resamples, seed=0, chunk=a.chunk, workers=a.workers)
+    t_boot, c_boot = time.perf_counter() - t0, _cpu() - c0
     full = {k: float(s.score(np.ones((1, s.n_images), np.int64))["APbox"][0]) for k, s in scorers.items()}
     diff = vals["backbone0"]["APbox"] - vals["backbone1"]["APbox"]
     rec = {"images": a.images, "detections_per_backbone": [len(r) for r in results],
            "ground_truth_boxes": len(ds["annotations"]), "resamples": a.resamples, "chunk": a.chunk,
            "backbones": len(results), "APbox": full, "diff_ci95": percentile_interval(diff),
            "generate_s": round(t_gen, 2), "cocoeval_evaluate_s": round(t_eval, 2),
-           "bootstrap_s": round(t_boot, 2), "total_s": round(t_eval + t_boot, 2),
+           "bootstrap_s": round(t_boot, 2), "bootstrap_cpu_s": round(c_boot, 2), "total_s": round(t_eval + t_boot, 2),
+           "load_average_1min": round(os.getloadavg()[0], 2),
            "cpu": platform.processor() or platform.machine(), "cpus_visible": os.cpu_count(),
            "threads": os.environ.get("OMP_NUM_THREADS", "default")}
-    print(f"{'images':>8} {'dets/backbone':>14} {'resamples':>10} {'evaluate s':>11} {'bootstrap s':>12} {'total s':>8}")
+    print(f"{'images':>8} {'dets/backbone':>14} {'resamples':>10} {'evaluate s':>11} {'bootstrap s':>12} "
+          f"{'bootstrap cpu s':>16} {'total s':>8}")
     print(f"{a.images:>8} {rec['detections_per_backbone'][0]:>14} {a.resamples:>10} {t_eval:>11.1f} "
-          f"{t_boot:>12.1f} {t_eval + t_boot:>8.1f}")
+          f"{t_boot:>12.1f} {c_boot:>16.1f} {t_eval + t_boot:>8.1f}")
     print(f"APbox {full}; paired diff 95% CI {rec['diff_ci95']}")
     with open(a.out, "w") as f:
         json.dump(rec, f, indent=2)
