@@ -531,7 +531,7 @@ def plot(rows: list[dict], path: Path) -> Path:
             top = max(ys[i] + max(0.0, hi[i]) for i in ok)
             bot = min(ys[i] - max(0.0, lo[i]) for i in ok)
             pad = 0.15 * (top - bot) if top > bot else max(abs(top) * 0.05, 1e-3)
-            ax.set_ylim(min(0.0, bot - pad) if bot - pad < 0 else bot - pad, top + pad)
+            ax.set_ylim(min(0.0, bot - pad), top + pad)  # bars start at 0
     fig.suptitle("MAE (blue) vs CrossMAE (orange): mean, 95 % bootstrap interval (else ± s.e.)", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
