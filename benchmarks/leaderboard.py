@@ -1,26 +1,34 @@
-"""``python -m benchmarks.leaderboard OUTPUT_DIR [--out leaderboard.csv]``: the MAE-vs-CrossMAE table.
+"""``python -m benchmarks.leaderboard OUTPUT_DIR [--out leaderboard.csv] [--resamples N] [--seed S]``:
+the MAE-vs-CrossMAE table, with how sure it is.
 
 Built only from the finished tasks' ``metrics.json`` files under ``OUTPUT_DIR`` (never appended to
-by running jobs), so it is idempotent and safe while jobs still run. Writes, next to ``--out``
-(default ``OUTPUT_DIR/leaderboard.csv``)::
+by running jobs), so it is idempotent and safe while jobs still run. A malformed ``metrics.json`` is
+skipped with a one-line warning naming it. Writes, next to ``--out`` (default
+``OUTPUT_DIR/leaderboard.csv``, checked before any work)::
 
     leaderboard.csv         one row per backbone × task × protocol × config × metric (columns below)
     leaderboard_paired.csv  paired MAE − CrossMAE differences per task × metric (common seeds)
-    leaderboard.md          the same as Markdown tables
-    leaderboard.png         bar chart, MAE vs CrossMAE per task (headline metrics, mean ± standard error)
+    leaderboard.md          the same as Markdown tables (differences whose interval excludes 0 marked)
+    leaderboard.png         one panel per task × headline metric: mean and 95 % interval per backbone
+    leaderboard.html        self-contained page: sortable table, per-task difference charts
 
 Columns of ``leaderboard.csv``: backbone, method, arch, pretrain_epochs, mask_ratio,
 prediction_ratio, decoder_depth, task, protocol, config, metric, n_seeds, seeds, mean, stderr
-(sample std / sqrt(n); empty for n = 1), reference, diff_to_reference (mean − reference),
-reference_source, wall_time_s (sum over seeds), gpu_hours (sum of wall time × GPUs), gpu_type,
-checkpoint_sha256, config_hash, code_version (values joined by ``;`` when seeds differ).
+(sample std / sqrt(n); empty for n = 1), ci_low, ci_high (95 % bootstrap interval over evaluation
+images and seeds, :mod:`benchmarks.bootstrap`), reference, diff_to_reference (mean − reference),
+reference_source, zoo_reported_ft_top1, backbone_source, wall_time_s (sum over seeds), gpu_hours
+(sum of wall time × GPUs), gpu_type, checkpoint_sha256, config_hash, code_version (values joined by
+``;`` when seeds differ). The paired CSV adds ci_low, ci_high and excludes_zero for the difference.
 
-Pretraining metadata (method, arch, epochs, mask ratio, prediction ratio, decoder depth) comes from
-the backbone checkpoint's ``args`` (``argparse.Namespace`` as written by MAE / CrossMAE's
-``main_pretrain.py``): recorded at task time by the dispatcher in ``task_state.json``
-(``backbone_meta``), else read from the checkpoint now. The reference column is filled only for
-paper-protocol runs (config preset containing ``paper``, or unknown config when the task was not
-dispatched by ``slurm.submit``); smoke-suite numbers are never compared to the paper.
+Identity: a backbone is its checkpoint's sha256 (:func:`backbone_key`), never its file name; its
+display name is the suite's ``--backbone NAME=...`` (``task.json``), else derived from the
+pretraining args and the sha prefix (:func:`derived_name`). Pretraining metadata (method, arch,
+epochs, mask ratio, prediction ratio, decoder depth) comes from the backbone checkpoint's ``args``
+(``argparse.Namespace`` as written by MAE / CrossMAE's ``main_pretrain.py``): recorded at task time
+by the dispatcher in ``task_state.json`` (``backbone_meta``), else the load report's ``meta``, else
+read from the checkpoint now. The reference column is filled only for paper-protocol runs (config
+preset containing ``paper``, or unknown config when the task was not dispatched by
+``slurm.submit``); smoke-suite numbers are never compared to the paper.
 """
 from __future__ import annotations
 
