@@ -202,10 +202,11 @@ def collect(root: str | os.PathLike) -> list[dict]:
     A malformed ``metrics.json`` (not JSON, not an object, no ``task`` / ``metrics``) is skipped
     with a one-line warning on stderr naming it; the rest is collected.
 
-    Each record's ``backbone_key`` is the backbone identity (:func:`backbone_key`) and
-    ``backbone`` its display name: the ``NAME`` of the suite's ``--backbone NAME=...``
-    (``task.json`` ``spec.backbone_name``), else :func:`derived_name`; when two identities would
-    share a name, each gets its sha prefix appended (``name@1a2b3c4d``).
+    Each record's ``backbone_key`` is the checkpoint identity (:func:`backbone_key`), ``identity``
+    that key with the suite's ``NAME`` (one checkpoint given two names in a suite stays two rows;
+    two checkpoints are never one), and ``backbone`` its display name: the ``NAME`` of the suite's
+    ``--backbone NAME=...`` (``task.json`` ``spec.backbone_name``), else :func:`derived_name`; when
+    one name would cover several checkpoints, each gets its sha prefix appended (``name@1a2b3c4d``).
 
     Raises:
         UserError: ``root`` missing.
@@ -249,19 +250,19 @@ def collect(root: str | os.PathLike) -> list[dict]:
 
 
 def _name_backbones(records: list[dict]) -> None:
-    by_key: dict[str, list[dict]] = defaultdict(list)
+    """Set each record's ``identity`` (sha256 key, suite NAME or "") and display ``backbone`` name."""
+    by_id: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        by_key[r["backbone_key"]].append(r)
-    names = {}
-    for key, rs in by_key.items():
-        given = sorted({r["given_name"] for r in rs if r["given_name"]})
-        names[key] = "/".join(given) if given else derived_name(rs[0]["meta"], key)
-    count: dict[str, int] = defaultdict(int)
-    for n in names.values():
-        count[n] += 1
-    for key, rs in by_key.items():
-        n = names[key]
-        if count[n] > 1:
+        r["identity"] = (r["backbone_key"], r["given_name"] or "")
+        by_id[r["identity"]].append(r)
+    names = {ident: ident[1] or derived_name(rs[0]["meta"], ident[0]) for ident, rs in by_id.items()}
+    shas: dict[str, set] = defaultdict(set)
+    for ident, n in names.items():
+        shas[n].add(ident[0])
+    for ident, rs in by_id.items():
+        n = names[ident]
+        if len(shas[n]) > 1:  # one name, several checkpoints: never merged, told apart by sha
+            key = ident[0]
             n = f"{n}@{key[5:][:16] if key.startswith('path:') else key[:8]}"
         for r in rs:
             r["backbone"] = n
@@ -292,7 +293,16 @@ def rows_from(records: list[dict]) -> list[dict]:
                     dict(r, metric=metric, value=float(value)))
     rows = []
     for (bb, key, task, protocol, config, metric), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        rs = sorted(rs, key=lambda r: (r["seed"] is None, str(r["seed"])))
+        rs = sorted(rs, key=lambda r: (r["seed"] is None, str(r["seed"]), r["path"]))
+        seen, kept = set(), []
+        for r in rs:  # one result per seed: a second run of the same seed is reported, not averaged
+            if r["seed"] in seen:
+                if metric == min(k for k, v in r["metrics"]["metrics"].items() if isinstance(v, (int, float))):
+                    warn(f"{r['path']}: a second result for backbone {bb}, {task}/{config}, seed {r['seed']}; skipped")
+                continue
+            seen.add(r["seed"])
+            kept.append(r)
+        rs = kept
         meta = rs[0]["meta"]
         mean, se = _stats([r["value"] for r in rs])
         ref = None

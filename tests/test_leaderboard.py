@@ -218,6 +218,16 @@ def test_one_suite_name_for_two_checkpoints_is_never_merged(tmp_path, ckpts):
     assert all(r["n_seeds"] == "1" for r in rows)
 
 
+def test_one_checkpoint_under_two_suite_names_stays_two_rows(tmp_path, ckpts):
+    mae, _ = ckpts
+    root = tmp_path / "out"
+    _task(root, "a", mae, "finetune", "smoke", 0, {"top1": 10.0})
+    _task(root, "b", mae, "finetune", "smoke", 0, {"top1": 20.0})
+    rows = _rows(build(root, resamples=10)["csv"])
+    assert [(r["backbone"], r["n_seeds"], r["mean"], r["checkpoint_sha256"]) for r in rows] == [
+        ("a", "1", "10", sha256_file(mae)), ("b", "1", "20", sha256_file(mae))]
+
+
 def _mk(d: Path) -> Path:
     d.mkdir(parents=True)
     return d
