@@ -190,6 +190,37 @@ class _CocoCategory:
         self.tp_pos = [np.flatnonzero(self.tp_s[t]) for t in range(tp.shape[0])]
         self.npig_img = np.asarray(npig_img, dtype=np.float64)
 
+    def a_matrix(self):
+        """Sparse ``(S, n_img)`` counts: entry (s, i) = always-false-positive detections of image i
+        ranked between special detection s − 1 and s, so ``cumsum(A @ w)`` over s is the weighted
+        number of them ranked before each special detection (one sparse product per chunk instead
+        of gathering every detection's weight)."""
+        m = self.__dict__.get("_a_matrix")
+        if m is None:
+            from scipy.sparse import csr_matrix
+            seg = np.searchsorted(self.a_before, np.arange(self.img_a.size), side="right")
+            m = csr_matrix((np.ones(self.img_a.size, np.int32), (seg, self.img_a)),
+                           shape=(self.img_s.size, self.npig_img.size), dtype=np.int32)
+            m.sum_duplicates()
+            self.__dict__["_a_matrix"] = m
+        return m
+
+    def runs(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """TP positions at threshold ``t`` grouped into runs with no false positive between them
+        (in the full ranking, for any weights): ``(starts into tp_pos[t], S index of each run's
+        last TP)``. Precision only rises along a run, so its monotone envelope is the same at
+        every member and only the run's end needs evaluating."""
+        cache = self.__dict__.setdefault("_runs", {})
+        if t not in cache:
+            pos = self.tp_pos[t]
+            fp_t = ~self.tp_s[t] & ~self.ig_s[t]
+            cfp = np.cumsum(fp_t) + self.a_before  # false positives ranked up to each S detection
+            brk = np.flatnonzero(np.diff(cfp[pos]) > 0)  # a false positive between two TPs ends a run
+            starts = np.concatenate([[0], brk + 1]).astype(np.int64)
+            ends = np.concatenate([brk, [pos.size - 1]]).astype(np.int64)
+            cache[t] = (starts, pos[ends])
+        return cache[t]
+
 
 class CocoScorer:
     """COCO AP / AP50 / AP75 (×100, area all, maxDets 100) under image multiplicities.
@@ -271,18 +302,22 @@ class CocoScorer:
         b, T, R = w.shape[0], len(self.iou_thrs), len(self.REC_THRS)
         sums = np.zeros((b, T, len(self.cats)))
         valid = np.zeros((b, len(self.cats)), bool)
-        wf = w.astype(np.float64)
+        if self.__dict__.get("_npig") is None:
+            self.__dict__["_npig"] = np.stack([c.npig_img for c in self.cats], 1)  # (n, K)
+        npig_all = w.astype(np.float64) @ self._npig  # (b, K) weighted non-ignored ground truth
+        wt = None
         rows = np.arange(b)
         for k, c in enumerate(self.cats):
-            npig = wf @ c.npig_img  # (b,)
+            npig = npig_all[:, k]
             valid[:, k] = npig > 0
             if c.img_s.size == 0:
                 continue
             ws = w[:, c.img_s]  # (b, S)
             if c.img_a.size:
-                ca = np.zeros((b, c.img_a.size + 1), np.int32)
-                np.cumsum(w[:, c.img_a], axis=1, out=ca[:, 1:])
-                cum_all = ca[:, c.a_before] + np.cumsum(ws, axis=1, dtype=np.int32)
+                if wt is None:
+                    wt = np.ascontiguousarray(w.T)  # (n, b)
+                ca = np.cumsum(c.a_matrix() @ wt, axis=0, dtype=np.int32)  # (S, b)
+                cum_all = ca.T + np.cumsum(ws, axis=1, dtype=np.int32)
             else:
                 cum_all = np.cumsum(ws, axis=1, dtype=np.int32)
             # smallest weighted TP count whose recall reaches each threshold (COCOeval compares floats)
@@ -292,15 +327,18 @@ class CocoScorer:
             lev = np.where(lev / safe[:, None] < self.REC_THRS[None, :], lev + 1, lev)
             for t in range(T):
                 pos = c.tp_pos[t]
-                P = pos.size
-                if P == 0:
+                if pos.size == 0:
                     continue
-                tpc = np.cumsum(ws[:, pos], axis=1, dtype=np.int64)  # (b, P) weighted TP count at each TP position
-                den = cum_all[:, pos]  # weighted count of every detection ranked up to here
+                starts, ends = c.runs(t)
+                P = ends.size
+                # weighted TP count at the end of each run
+                tpc = np.add.reduceat(ws[:, pos], starts, axis=1, dtype=np.int64)
+                np.cumsum(tpc, axis=1, out=tpc)
+                den = cum_all[:, ends]  # weighted count of every detection ranked up to here
                 if c.has_ig:  # ... less those ignored at this threshold: tp + fp
-                    den = den - np.cumsum(ws * c.ig_s[t], axis=1, dtype=np.int32)[:, pos]
-                # precision at each TP position, made monotone from the right (written reversed
-                # into env); the column of 0 past the end stands for "recall never reached"
+                    den = den - np.cumsum(ws * c.ig_s[t], axis=1, dtype=np.int32)[:, ends]
+                # precision at each run end, made monotone from the right (written reversed into
+                # env); the column of 0 past the end stands for "recall never reached"
                 env = np.empty((b, P + 1))
                 env[:, P] = 0.0
                 np.maximum.accumulate((tpc / (den + self._eps))[:, ::-1], axis=1, out=env[:, P - 1::-1])
