@@ -29,9 +29,13 @@ threshold t, ``tp``/``fp`` are the running weighted counts of matched / unmatche
 detections, precision ``tp / (tp + fp + eps)`` is made monotone from the right and read at the 101
 recall thresholds (first position where ``tp / npig ≥ r``, 0 beyond the last), ``npig`` = weighted
 count of non-ignored ground truth; categories without ground truth in the resample are left out.
-Only positions right after a true positive can be read (precision only rises at a TP), so each
-resample works on the true-positive positions of each threshold plus one running count of all
-detections: cost per resample ~ (detections + thresholds × matched detections).
+Only positions right after a true positive can be read (precision only rises at a TP), and along a
+run of TPs with no false positive between them (for any weights) the monotone envelope is the same,
+so each resample evaluates one point per such run and threshold. Detections that are false
+positives at every threshold enter only through their weighted count before each matched
+detection: one sparse (matched × images) product per chunk of resamples. Cost per resample ~
+(matched detections × thresholds + sparse non-zeros), independent of pycocotools' own cost, which
+is paid once per run.
 
 Speed on COCO val2017 size: ``python -m benchmarks.bootstrap_speed`` (figures in docs/benchmarks.md).
 """

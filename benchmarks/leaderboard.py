@@ -291,13 +291,14 @@ def rows_from(records: list[dict]) -> list[dict]:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 groups[(r["backbone"], r["backbone_key"], r["task"], r["protocol"] or "", r["config"], metric)].append(
                     dict(r, metric=metric, value=float(value)))
-    rows = []
+    rows, warned = [], set()
     for (bb, key, task, protocol, config, metric), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         rs = sorted(rs, key=lambda r: (r["seed"] is None, str(r["seed"]), r["path"]))
         seen, kept = set(), []
         for r in rs:  # one result per seed: a second run of the same seed is reported, not averaged
             if r["seed"] in seen:
-                if metric == min(k for k, v in r["metrics"]["metrics"].items() if isinstance(v, (int, float))):
+                if r["path"] not in warned:
+                    warned.add(r["path"])
                     warn(f"{r['path']}: a second result for backbone {bb}, {task}/{config}, seed {r['seed']}; skipped")
                 continue
             seen.add(r["seed"])

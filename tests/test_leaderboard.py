@@ -218,6 +218,17 @@ def test_one_suite_name_for_two_checkpoints_is_never_merged(tmp_path, ckpts):
     assert all(r["n_seeds"] == "1" for r in rows)
 
 
+def test_a_second_result_for_one_seed_is_reported_not_averaged(tmp_path, ckpts, capsys):
+    mae, _ = ckpts
+    root = tmp_path / "out"
+    _task(root / "s1", "mae", mae, "finetune", "smoke", 0, {"top1": 10.0, "top5": 50.0})
+    again = _task(root / "s2", "mae", mae, "finetune", "smoke", 0, {"top1": 30.0, "top5": 70.0})
+    rows = _rows(build(root, resamples=10)["csv"])
+    assert [(r["metric"], r["n_seeds"], r["mean"]) for r in rows] == [("top1", "1", "10"), ("top5", "1", "50")]
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1 and str(again / "metrics.json") in warnings[0] and "seed 0" in warnings[0]
+
+
 def test_one_checkpoint_under_two_suite_names_stays_two_rows(tmp_path, ckpts):
     mae, _ = ckpts
     root = tmp_path / "out"
