@@ -475,7 +475,7 @@ def _pm(mean, se, n=None, lo=None, hi=None) -> str:
 
 
 def to_markdown(rows: list[dict], pairs: list[dict], root: Path, resamples: int = bootstrap.RESAMPLES) -> str:
-    lines = [f"# Leaderboard: MAE vs CrossMAE", "", f"Built from the finished tasks in `{root}` "
+    lines = ["# Leaderboard: MAE vs CrossMAE", "", f"Built from the finished tasks in `{root}` "
              f"({sum(r['n_seeds'] for r in rows)} task-metric results). Mean ± standard error over seeds, "
              f"[95 % interval] of a bootstrap over evaluation images and seeds ({resamples} resamples).", ""]
     backbones = sorted({r["backbone"] for r in rows})
