@@ -29,6 +29,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "numpy>=1.26",
+        "scipy>=1.10",  # sparse products in the leaderboard's COCO bootstrap
         "pillow>=10.0",
         "safetensors>=0.4",
     ],

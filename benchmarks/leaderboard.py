@@ -1,26 +1,34 @@
-"""``python -m benchmarks.leaderboard OUTPUT_DIR [--out leaderboard.csv]``: the MAE-vs-CrossMAE table.
+"""``python -m benchmarks.leaderboard OUTPUT_DIR [--out leaderboard.csv] [--resamples N] [--seed S]``:
+the MAE-vs-CrossMAE table, with how sure it is.
 
 Built only from the finished tasks' ``metrics.json`` files under ``OUTPUT_DIR`` (never appended to
-by running jobs), so it is idempotent and safe while jobs still run. Writes, next to ``--out``
-(default ``OUTPUT_DIR/leaderboard.csv``)::
+by running jobs), so it is idempotent and safe while jobs still run. A malformed ``metrics.json`` is
+skipped with a one-line warning naming it. Writes, next to ``--out`` (default
+``OUTPUT_DIR/leaderboard.csv``, checked before any work)::
 
     leaderboard.csv         one row per backbone × task × protocol × config × metric (columns below)
     leaderboard_paired.csv  paired MAE − CrossMAE differences per task × metric (common seeds)
-    leaderboard.md          the same as Markdown tables
-    leaderboard.png         bar chart, MAE vs CrossMAE per task (headline metrics, mean ± standard error)
+    leaderboard.md          the same as Markdown tables (differences whose interval excludes 0 marked)
+    leaderboard.png         one panel per task × headline metric: mean and 95 % interval per backbone
+    leaderboard.html        self-contained page: sortable table, per-task difference charts
 
 Columns of ``leaderboard.csv``: backbone, method, arch, pretrain_epochs, mask_ratio,
 prediction_ratio, decoder_depth, task, protocol, config, metric, n_seeds, seeds, mean, stderr
-(sample std / sqrt(n); empty for n = 1), reference, diff_to_reference (mean − reference),
-reference_source, wall_time_s (sum over seeds), gpu_hours (sum of wall time × GPUs), gpu_type,
-checkpoint_sha256, config_hash, code_version (values joined by ``;`` when seeds differ).
+(sample std / sqrt(n); empty for n = 1), ci_low, ci_high (95 % bootstrap interval over evaluation
+images and seeds, :mod:`benchmarks.bootstrap`), reference, diff_to_reference (mean − reference),
+reference_source, zoo_reported_ft_top1, backbone_source, wall_time_s (sum over seeds), gpu_hours
+(sum of wall time × GPUs), gpu_type, checkpoint_sha256, config_hash, code_version (values joined by
+``;`` when seeds differ). The paired CSV adds ci_low, ci_high and excludes_zero for the difference.
 
-Pretraining metadata (method, arch, epochs, mask ratio, prediction ratio, decoder depth) comes from
-the backbone checkpoint's ``args`` (``argparse.Namespace`` as written by MAE / CrossMAE's
-``main_pretrain.py``): recorded at task time by the dispatcher in ``task_state.json``
-(``backbone_meta``), else read from the checkpoint now. The reference column is filled only for
-paper-protocol runs (config preset containing ``paper``, or unknown config when the task was not
-dispatched by ``slurm.submit``); smoke-suite numbers are never compared to the paper.
+Identity: a backbone is its checkpoint's sha256 (:func:`backbone_key`), never its file name; its
+display name is the suite's ``--backbone NAME=...`` (``task.json``), else derived from the
+pretraining args and the sha prefix (:func:`derived_name`). Pretraining metadata (method, arch,
+epochs, mask ratio, prediction ratio, decoder depth) comes from the backbone checkpoint's ``args``
+(``argparse.Namespace`` as written by MAE / CrossMAE's ``main_pretrain.py``): recorded at task time
+by the dispatcher in ``task_state.json`` (``backbone_meta``), else the load report's ``meta``, else
+read from the checkpoint now. The reference column is filled only for paper-protocol runs (config
+preset containing ``paper``, or unknown config when the task was not dispatched by
+``slurm.submit``); smoke-suite numbers are never compared to the paper.
 """
 from __future__ import annotations
 
@@ -33,16 +41,17 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from crossmae.utils import UserError, atomic_write_text, cli_entry
+from crossmae.utils import UserError, atomic_write_text, cli_entry, sha256_file
 
-from . import reference
+from . import bootstrap, reference
 
 COLUMNS = ["backbone", "method", "arch", "pretrain_epochs", "mask_ratio", "prediction_ratio", "decoder_depth",
-           "task", "protocol", "config", "metric", "n_seeds", "seeds", "mean", "stderr", "reference",
-           "diff_to_reference", "reference_source", "wall_time_s", "gpu_hours", "gpu_type", "checkpoint_sha256",
-           "config_hash", "code_version"]
+           "task", "protocol", "config", "metric", "n_seeds", "seeds", "mean", "stderr", "ci_low", "ci_high",
+           "reference", "diff_to_reference", "reference_source", "zoo_reported_ft_top1", "backbone_source",
+           "wall_time_s", "gpu_hours", "gpu_type", "checkpoint_sha256", "config_hash", "code_version"]
 PAIRED_COLUMNS = ["arch", "task", "protocol", "config", "metric", "mae_backbone", "crossmae_backbone", "n_pairs",
-                  "seeds", "mae_mean", "crossmae_mean", "diff_mean", "diff_stderr", "reference_diff"]
+                  "seeds", "mae_mean", "crossmae_mean", "diff_mean", "diff_stderr", "ci_low", "ci_high", "excludes_zero",
+                  "reference_diff"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,51 +97,175 @@ def pretrain_meta(path: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------------------------------
 # collecting
 # --------------------------------------------------------------------------------------------------
+def warn(msg: str) -> None:
+    """One ``warning: ...`` line on stderr (a skipped input; the leaderboard is built without it)."""
+    print(f"warning: {' '.join(str(msg).split())}", file=sys.stderr)
+
+
 def _read_json(path: Path) -> dict:
     import json
     try:
-        return json.loads(path.read_text())
+        d = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable metrics/task file ({exc})")
+        raise UserError(f"{path}: unreadable metrics/task file ({type(exc).__name__}: {exc})")
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return d
+
+
+def _side_json(path: Path) -> dict:
+    """A task's ``task.json`` / ``task_state.json``: ``{}`` when absent; a malformed one is ignored
+    with a warning (the metrics stand on their own)."""
+    if not path.is_file():
+        return {}
+    try:
+        return _read_json(path)
+    except UserError as exc:
+        warn(f"{exc}; ignored")
+        return {}
+
+
+def _metrics_problem(m: dict) -> str | None:
+    if "metrics" not in m or "task" not in m:
+        return "not a task metrics file (needs 'task' and 'metrics')"
+    if not isinstance(m["metrics"], dict):
+        return "'metrics' is not an object"
+    if not isinstance(m["task"], str):
+        return "'task' is not a string"
+    return None
+
+
+def _meta_of(state: dict, report: dict, bb: str | None, cache: dict) -> dict:
+    """Pretraining metadata: the dispatcher's ``backbone_meta``, else the load report's ``meta``
+    (the checkpoint's ``args``, read by the backbone API), else the checkpoint file read now."""
+    meta = state.get("backbone_meta")
+    if isinstance(meta, dict) and meta and "error" not in meta:
+        return meta
+    rmeta = report.get("meta") if isinstance(report, dict) else None
+    if isinstance(rmeta, dict) and rmeta:
+        meta = meta_from_args(rmeta)
+        if not meta.get("arch") and report.get("arch"):
+            meta["arch"] = report["arch"]
+        return meta
+    if bb and bb not in cache:
+        try:
+            cache[bb] = pretrain_meta(bb) if Path(bb).is_file() else {}
+        except UserError:
+            cache[bb] = {}
+    meta = dict(cache.get(bb, {})) if bb else {}
+    if not meta.get("arch") and isinstance(report, dict) and report.get("arch"):
+        meta["arch"] = report["arch"]
+    return meta
+
+
+def backbone_key(m: dict, cache: dict) -> str:
+    """A backbone's identity: ``backbone_sha256`` of the metrics (else the report's ``sha256``,
+    else the sha256 of the checkpoint file if it still exists, else ``path:<value>``). File names
+    never identify a backbone; two different checkpoints are never merged."""
+    report = m.get("backbone_report") if isinstance(m.get("backbone_report"), dict) else {}
+    sha = m.get("backbone_sha256") or report.get("sha256")
+    if sha:
+        return str(sha)
+    bb = m.get("backbone")
+    if bb and Path(str(bb)).is_file():
+        if ("sha", bb) not in cache:
+            cache[("sha", bb)] = sha256_file(bb)
+        return cache[("sha", bb)]
+    return f"path:{bb}"
+
+
+def _fmt_ratio(v) -> str:
+    return "?" if v in (None, "") else f"{float(v):g}"
+
+
+def derived_name(meta: dict, key: str) -> str:
+    """Display name from the pretraining args and the sha prefix, e.g.
+    ``crossmae-vit_base_patch16-ep800-p0.75-γ0.25-d12-1a2b3c4d``."""
+    parts = [meta.get("method") or "backbone"]
+    if meta.get("arch"):
+        parts.append(str(meta["arch"]))
+    if meta.get("pretrain_epochs") not in (None, ""):
+        parts.append(f"ep{meta['pretrain_epochs']}")
+    if meta.get("mask_ratio") not in (None, ""):
+        parts.append(f"p{_fmt_ratio(meta['mask_ratio'])}")
+    if meta.get("method") == "crossmae" and meta.get("prediction_ratio") not in (None, ""):
+        parts.append(f"γ{_fmt_ratio(meta['prediction_ratio'])}")
+    if meta.get("decoder_depth") not in (None, ""):
+        parts.append(f"d{meta['decoder_depth']}")
+    parts.append(key[5:][:16] if key.startswith("path:") else key[:8])
+    return "-".join(parts)
 
 
 def collect(root: str | os.PathLike) -> list[dict]:
     """One record per finished transfer task under ``root``: its metrics plus task / backbone info.
 
+    A malformed ``metrics.json`` (not JSON, not an object, no ``task`` / ``metrics``) is skipped
+    with a one-line warning on stderr naming it; the rest is collected.
+
+    Each record's ``backbone_key`` is the checkpoint identity (:func:`backbone_key`), ``identity``
+    that key with the suite's ``NAME`` (one checkpoint given two names in a suite stays two rows;
+    two checkpoints are never one), and ``backbone`` its display name: the ``NAME`` of the suite's
+    ``--backbone NAME=...`` (``task.json`` ``spec.backbone_name``), else :func:`derived_name`; when
+    one name would cover several checkpoints, each gets its sha prefix appended (``name@1a2b3c4d``).
+
     Raises:
-        UserError: ``root`` missing, or a metrics file without ``task`` / ``metrics``.
+        UserError: ``root`` missing.
     """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: output folder does not exist")
-    meta_cache: dict[str, dict] = {}
+    cache: dict = {}
     out = []
     for mpath in sorted(root.rglob("metrics.json")):
         rel = mpath.parent.relative_to(root)
         if rel.parts[:1] in (("jobs",), ("pretrain",)) or any(".old-" in p for p in rel.parts):
             continue
-        m = _read_json(mpath)
-        if "metrics" not in m or "task" not in m:
-            raise UserError(f"{mpath}: not a task metrics file (needs 'task' and 'metrics')")
+        try:
+            m = _read_json(mpath)
+        except UserError as exc:
+            warn(f"{exc}; skipped")
+            continue
+        problem = _metrics_problem(m)
+        if problem:
+            warn(f"{mpath}: {problem}; skipped")
+            continue
         if m["task"] == "pretrain":
             continue
-        spec = _read_json(mpath.parent / "task.json").get("spec", {}) if (mpath.parent / "task.json").is_file() else {}
-        state = _read_json(mpath.parent / "task_state.json") if (mpath.parent / "task_state.json").is_file() else {}
-        meta = state.get("backbone_meta")
+        spec = _side_json(mpath.parent / "task.json").get("spec", {})
+        spec = spec if isinstance(spec, dict) else {}
+        state = _side_json(mpath.parent / "task_state.json")
+        report = m.get("backbone_report") if isinstance(m.get("backbone_report"), dict) else {}
         bb = m.get("backbone")
-        if not meta or "error" in meta:
-            if bb and bb not in meta_cache:
-                try:
-                    meta_cache[bb] = pretrain_meta(bb) if Path(bb).is_file() else {}
-                except UserError:
-                    meta_cache[bb] = {}
-            meta = meta_cache.get(bb, {}) if bb else {}
-        name = spec.get("backbone_name") or (Path(bb).stem if bb else "unknown")
-        out.append({"metrics": m, "spec": spec, "meta": meta or {}, "backbone": name,
+        key = backbone_key(m, cache)
+        meta = _meta_of(state, report, str(bb) if bb else None, cache)
+        zoo = report.get("zoo") if isinstance(report.get("zoo"), dict) else {}
+        out.append({"metrics": m, "spec": spec, "meta": meta or {}, "backbone_key": key,
+                    "given_name": spec.get("backbone_name"), "source": report.get("source") or (str(bb) if bb else ""),
+                    "zoo_top1": zoo.get("reported_ft_top1"),
                     "task": m["task"], "protocol": m.get("protocol") or spec.get("protocol"),
                     "config": spec.get("config") or m.get("config") or "", "seed": m.get("seed", spec.get("seed")),
                     "path": str(mpath)})
+    _name_backbones(out)
     return out
+
+
+def _name_backbones(records: list[dict]) -> None:
+    """Set each record's ``identity`` (sha256 key, suite NAME or "") and display ``backbone`` name."""
+    by_id: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        r["identity"] = (r["backbone_key"], r["given_name"] or "")
+        by_id[r["identity"]].append(r)
+    names = {ident: ident[1] or derived_name(rs[0]["meta"], ident[0]) for ident, rs in by_id.items()}
+    shas: dict[str, set] = defaultdict(set)
+    for ident, n in names.items():
+        shas[n].add(ident[0])
+    for ident, rs in by_id.items():
+        n = names[ident]
+        if len(shas[n]) > 1:  # one name, several checkpoints: never merged, told apart by sha
+            key = ident[0]
+            n = f"{n}@{key[5:][:16] if key.startswith('path:') else key[:8]}"
+        for r in rs:
+            r["backbone"] = n
 
 
 def _stats(values: list[float]) -> tuple[float, float | None]:
@@ -150,16 +283,27 @@ def _join(values) -> str:
 
 
 def rows_from(records: list[dict]) -> list[dict]:
-    """Aggregate records into leaderboard rows (see the module doc), sorted."""
+    """Aggregate records into leaderboard rows (see the module doc), sorted. One row per backbone
+    identity (never per file name) × task × protocol × config × metric."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         for metric, value in (r["metrics"].get("metrics") or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                groups[(r["backbone"], r["task"], r["protocol"] or "", r["config"], metric)].append(
+                groups[(r["backbone"], r["backbone_key"], r["task"], r["protocol"] or "", r["config"], metric)].append(
                     dict(r, metric=metric, value=float(value)))
-    rows = []
-    for (bb, task, protocol, config, metric), rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: (r["seed"] is None, r["seed"]))
+    rows, warned = [], set()
+    for (bb, key, task, protocol, config, metric), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        rs = sorted(rs, key=lambda r: (r["seed"] is None, str(r["seed"]), r["path"]))
+        seen, kept = set(), []
+        for r in rs:  # one result per seed: a second run of the same seed is reported, not averaged
+            if r["seed"] in seen:
+                if r["path"] not in warned:
+                    warned.add(r["path"])
+                    warn(f"{r['path']}: a second result for backbone {bb}, {task}/{config}, seed {r['seed']}; skipped")
+                continue
+            seen.add(r["seed"])
+            kept.append(r)
+        rs = kept
         meta = rs[0]["meta"]
         mean, se = _stats([r["value"] for r in rs])
         ref = None
@@ -170,18 +314,21 @@ def rows_from(records: list[dict]) -> list[dict]:
         gpuh = sum(float(r["metrics"].get("wall_time_s") or 0.0) * float(r["metrics"].get("num_gpus") or 0)
                    for r in rs) / 3600.0
         rows.append({
-            "backbone": bb, "method": meta.get("method", ""), "arch": meta.get("arch", ""),
+            "backbone": bb, "backbone_key": key, "method": meta.get("method", ""), "arch": meta.get("arch", ""),
             "pretrain_epochs": meta.get("pretrain_epochs", ""), "mask_ratio": meta.get("mask_ratio", ""),
             "prediction_ratio": meta.get("prediction_ratio", ""), "decoder_depth": meta.get("decoder_depth", ""),
             "task": task, "protocol": protocol, "config": config, "metric": metric, "n_seeds": len(rs),
-            "seeds": " ".join(str(r["seed"]) for r in rs), "mean": mean, "stderr": se,
+            "seeds": " ".join(str(r["seed"]) for r in rs), "mean": mean, "stderr": se, "ci_low": None, "ci_high": None,
             "reference": ref["value"] if ref else None, "diff_to_reference": mean - ref["value"] if ref else None,
-            "reference_source": ref["source"] if ref else "", "wall_time_s": wall, "gpu_hours": gpuh,
+            "reference_source": ref["source"] if ref else "",
+            "zoo_reported_ft_top1": next((r["zoo_top1"] for r in rs if r["zoo_top1"] is not None), None),
+            "backbone_source": _join(r["source"] for r in rs),
+            "wall_time_s": wall, "gpu_hours": gpuh,
             "gpu_type": _join(r["metrics"].get("device") for r in rs),
-            "checkpoint_sha256": _join(r["metrics"].get("backbone_sha256") for r in rs),
+            "checkpoint_sha256": "" if key.startswith("path:") else key,
             "config_hash": _join(r["metrics"].get("config_hash") for r in rs),
             "code_version": _join(r["metrics"].get("code_version") for r in rs),
-            "_values": {r["seed"]: r["value"] for r in rs},
+            "_values": {r["seed"]: r["value"] for r in rs}, "_records": {r["seed"]: r for r in rs},
         })
     return rows
 
@@ -202,11 +349,98 @@ def paired(rows: list[dict]) -> list[dict]:
                 diffs = [a["_values"][s] - c["_values"][s] for s in seeds]
                 dm, dse = _stats(diffs)
                 rd = (a["reference"] - c["reference"]) if a["reference"] is not None and c["reference"] is not None else None
-                out.append(dict(zip(PAIRED_COLUMNS, [*key, a["backbone"], c["backbone"], len(seeds),
-                                                     " ".join(map(str, seeds)),
-                                                     _stats([a["_values"][s] for s in seeds])[0],
-                                                     _stats([c["_values"][s] for s in seeds])[0], dm, dse, rd])))
+                p = dict(zip(PAIRED_COLUMNS, [*key, a["backbone"], c["backbone"], len(seeds),
+                                              " ".join(map(str, seeds)),
+                                              _stats([a["_values"][s] for s in seeds])[0],
+                                              _stats([c["_values"][s] for s in seeds])[0], dm, dse, None, None,
+                                              "", rd]))
+                p["_rows"], p["_seeds"] = (a, c), seeds
+                out.append(p)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# confidence intervals: the paired bootstrap over evaluation images and seeds
+# --------------------------------------------------------------------------------------------------
+def attach_intervals(rows: list[dict], pairs: list[dict], resamples: int = bootstrap.RESAMPLES,
+                     seed: int = bootstrap.SEED, say=None) -> None:
+    """Fill ``ci_low`` / ``ci_high`` of rows and pairs from the runs' per-sample predictions.
+
+    Runs of one task × protocol × config evaluated on the same images share the same image
+    resamples (:func:`benchmarks.bootstrap.bootstrap_values`), so a pair's difference is a paired
+    bootstrap; seeds are resampled with :func:`benchmarks.bootstrap.seed_draws` (the same draw for
+    both sides of a pair). A run whose prediction file is missing, unreadable or does not reproduce
+    its metrics.json value (|Δ| > 1e-4) gets no interval, with a one-line warning; so does a row or
+    pair with any such seed. Intervals: 95 % percentile (:func:`benchmarks.bootstrap.percentile_interval`).
+    """
+    records = {}
+    for r in rows:
+        for s, rec in r["_records"].items():
+            records[rec["path"]] = rec
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for rec in records.values():
+        groups[(rec["task"], rec["protocol"] or "", rec["config"])].append(rec)
+    boot: dict[str, dict] = {}  # record path -> {"group": id, "values": {metric: (B,)}}
+    for gkey, recs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        scorers = {}
+        for rec in recs:
+            try:
+                sc = bootstrap.scorer_for_run(rec["metrics"], Path(rec["path"]).parent)
+            except UserError as exc:
+                warn(f"{exc}; no interval for {rec['path']}")
+                continue
+            if sc is not None:
+                scorers[rec["path"]] = sc
+        by_images: dict[tuple, dict] = defaultdict(dict)
+        for path, sc in scorers.items():
+            by_images[tuple(map(str, sc.images))][path] = sc
+        for gid, (imgs, scs) in enumerate(sorted(by_images.items())):
+            if say:
+                say(f"bootstrap {'/'.join(map(str, gkey))}: {len(scs)} runs x {len(imgs)} images x {resamples}")
+            vals = bootstrap.bootstrap_values(scs, resamples, seed)
+            for path, sc in scs.items():
+                full = bootstrap.full_values(sc)
+                reported = records[path]["metrics"].get("metrics") or {}
+                ok = {}
+                for mname, v in vals[path].items():
+                    rep = reported.get(mname)
+                    if not isinstance(rep, (int, float)) or isinstance(rep, bool):
+                        continue
+                    if not (abs(full[mname] - rep) <= 1e-4 or (math.isnan(full[mname]) and math.isnan(rep))):
+                        warn(f"{path}: predictions give {mname} {full[mname]:.6g}, metrics.json says {rep:.6g}; "
+                             f"no interval")
+                        continue
+                    ok[mname] = v
+                boot[path] = {"group": (gkey, gid), "values": ok}
+
+    def per_seed(row, seeds):
+        arrs, group = [], None
+        for s in seeds:
+            b = boot.get(row["_records"][s]["path"])
+            if b is None or row["metric"] not in b["values"] or (group is not None and b["group"] != group):
+                return None, None
+            group = b["group"]
+            arrs.append(b["values"][row["metric"]])
+        return arrs, group
+
+    for r in rows:
+        seeds = list(r["_records"])
+        arrs, _ = per_seed(r, seeds)
+        if arrs is not None:
+            r["_boot"] = bootstrap.seed_mean(arrs, bootstrap.seed_draws(len(seeds), resamples, seed))
+            r["ci_low"], r["ci_high"] = bootstrap.percentile_interval(r["_boot"])
+    for p in pairs:
+        a, c = p["_rows"]
+        aa, ga = per_seed(a, p["_seeds"])
+        cc, gc = per_seed(c, p["_seeds"])
+        if aa is None or cc is None or ga != gc:
+            continue
+        draws = bootstrap.seed_draws(len(p["_seeds"]), resamples, seed)
+        diff = bootstrap.seed_mean(aa, draws) - bootstrap.seed_mean(cc, draws)
+        p["_boot"] = diff
+        p["ci_low"], p["ci_high"] = bootstrap.percentile_interval(diff)
+        if not (math.isnan(p["ci_low"]) or math.isnan(p["ci_high"])):
+            p["excludes_zero"] = "yes" if p["ci_low"] > 0 or p["ci_high"] < 0 else "no"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,7 +450,7 @@ def _fmt(v) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.6g}"
+        return "" if math.isnan(v) else f"{v:.6g}"
     return str(v)
 
 
@@ -229,14 +463,21 @@ def to_csv(rows: list[dict], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def _pm(mean, se, n=None) -> str:
+def _has_ci(r) -> bool:
+    return r.get("ci_low") is not None and not math.isnan(r["ci_low"])
+
+
+def _pm(mean, se, n=None, lo=None, hi=None) -> str:
     s = f"{mean:.2f}" + (f" ± {se:.2f}" if se is not None else "")
+    if lo is not None and not math.isnan(lo):
+        s += f" [{lo:.2f}, {hi:.2f}]"
     return s + (f" (n={n})" if n else "")
 
 
-def to_markdown(rows: list[dict], pairs: list[dict], root: Path) -> str:
-    lines = [f"# Leaderboard: MAE vs CrossMAE", "", f"Built from the finished tasks in `{root}` "
-             f"({sum(r['n_seeds'] for r in rows)} task-metric results). Mean ± standard error over seeds.", ""]
+def to_markdown(rows: list[dict], pairs: list[dict], root: Path, resamples: int = bootstrap.RESAMPLES) -> str:
+    lines = ["# Leaderboard: MAE vs CrossMAE", "", f"Built from the finished tasks in `{root}` "
+             f"({sum(r['n_seeds'] for r in rows)} task-metric results). Mean ± standard error over seeds, "
+             f"[95 % interval] of a bootstrap over evaluation images and seeds ({resamples} resamples).", ""]
     backbones = sorted({r["backbone"] for r in rows})
     if not rows:
         return "\n".join(lines + ["No finished task yet.", ""])
@@ -247,51 +488,70 @@ def to_markdown(rows: list[dict], pairs: list[dict], root: Path) -> str:
     for r in rows:
         cells[(r["task"], r["protocol"], r["config"], r["metric"])][r["backbone"]] = r
     for key, by_bb in sorted(cells.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        vals = [(_pm(by_bb[b]["mean"], by_bb[b]["stderr"], by_bb[b]["n_seeds"]) if b in by_bb else "–") for b in backbones]
+        vals = [(_pm(by_bb[b]["mean"], by_bb[b]["stderr"], by_bb[b]["n_seeds"], by_bb[b]["ci_low"], by_bb[b]["ci_high"])
+                 if b in by_bb else "–") for b in backbones]
         refs = "; ".join(f"{b}: {_fmt(r['reference'])}" for b, r in by_bb.items() if r["reference"] is not None)
         lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(vals) + f" | {refs or '–'} |")
     if pairs:
         lines += ["", "## Paired differences (MAE − CrossMAE, common seeds)", "",
-                  "| task | protocol | config | metric | MAE | CrossMAE | n | MAE − CrossMAE | paper diff |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "**bold ✱**: the 95 % paired-bootstrap interval excludes 0.", "",
+                  "| task | protocol | config | metric | MAE | CrossMAE | n | MAE − CrossMAE | 95 % interval | paper diff |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for p in pairs:
+            diff = _pm(p["diff_mean"], p["diff_stderr"])
+            ci = f"[{p['ci_low']:.2f}, {p['ci_high']:.2f}]" if _has_ci(p) else "–"
+            if p["excludes_zero"] == "yes":
+                diff, ci = f"**{diff}** ✱", f"**{ci}**"
             lines.append(f"| {p['task']} | {p['protocol']} | {p['config']} | {p['metric']} | {p['mae_backbone']} | "
-                         f"{p['crossmae_backbone']} | {p['n_pairs']} | {_pm(p['diff_mean'], p['diff_stderr'])} | "
-                         f"{_fmt(p['reference_diff']) or '–'} |")
+                         f"{p['crossmae_backbone']} | {p['n_pairs']} | {diff} | {ci} | {_fmt(p['reference_diff']) or '–'} |")
     return "\n".join(lines) + "\n"
 
 
-#: the metrics drawn in the chart (every metric is in the CSV / Markdown).
+#: the metrics drawn in the charts (every metric is in the CSV / Markdown / HTML table).
 HEADLINE = ("top1", "APbox", "APmask", "mIoU")
 
 
+def _panels(rows):
+    shown = [r for r in rows if r["metric"] in HEADLINE] or rows
+    return shown, sorted({(r["task"], r["protocol"], r["config"], r["metric"]) for r in shown},
+                         key=lambda c: tuple(map(str, c)))
+
+
 def plot(rows: list[dict], path: Path) -> Path:
-    """Bar chart: one group per task × protocol × headline metric (:data:`HEADLINE`; all metrics
-    when none is present), one bar per backbone (mean ± stderr; NaN drawn as missing). Atomic write."""
+    """One panel per task × protocol × config × headline metric (:data:`HEADLINE`; all metrics when
+    none is present), each on its own axis: one bar per backbone (mean), error bar = the 95 %
+    bootstrap interval where known, else ± standard error. Atomic write."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    shown = [r for r in rows if r["metric"] in HEADLINE] or rows
-    cells = sorted({(r["task"], r["protocol"], r["metric"]) for r in shown}, key=lambda c: tuple(map(str, c)))
-    backbones = sorted({r["backbone"] for r in shown})
-    fig, ax = plt.subplots(figsize=(min(24.0, max(6.0, 0.9 * len(cells) + 2)), 4.5))
-    width = 0.8 / max(1, len(backbones))
-    for i, b in enumerate(backbones):
-        xs, ys, es = [], [], []
-        for j, cell in enumerate(cells):
-            r = next((r for r in shown if r["backbone"] == b and (r["task"], r["protocol"], r["metric"]) == cell), None)
-            if r and not math.isnan(r["mean"]):
-                xs.append(j + i * width)
-                ys.append(r["mean"])
-                es.append(r["stderr"] or 0.0)
-        meth = next((r["method"] for r in shown if r["backbone"] == b), "")
-        ax.bar(xs, ys, width, yerr=es, capsize=3, label=f"{b} ({meth})")
-    ax.set_xticks([j + (len(backbones) - 1) * width / 2 for j in range(len(cells))])
-    ax.set_xticklabels([f"{t} · {m}\n{p}" for t, p, m in cells], fontsize=7, rotation=25, ha="right")
-    ax.set_ylabel("metric value")
-    ax.set_title("MAE vs CrossMAE per task (mean ± s.e. over seeds)")
-    if backbones:
-        ax.legend(fontsize=8)
+    shown, cells = _panels(rows)
+    n = max(1, len(cells))
+    ncol = min(4, n)
+    nrow = (n + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.0 * nrow), squeeze=False)
+    for ax in axes.ravel()[len(cells):]:
+        ax.axis("off")
+    for ax, cell in zip(axes.ravel(), cells):
+        rs = sorted((r for r in shown if (r["task"], r["protocol"], r["config"], r["metric"]) == cell),
+                    key=lambda r: r["backbone"])
+        xs = list(range(len(rs)))
+        ys = [r["mean"] for r in rs]
+        lo = [(r["mean"] - r["ci_low"]) if _has_ci(r) else (r["stderr"] or 0.0) for r in rs]
+        hi = [(r["ci_high"] - r["mean"]) if _has_ci(r) else (r["stderr"] or 0.0) for r in rs]
+        colors = ["tab:blue" if r["method"] == "mae" else "tab:orange" if r["method"] == "crossmae" else "tab:gray"
+                  for r in rs]
+        ok = [i for i, y in enumerate(ys) if not math.isnan(y)]
+        ax.bar([xs[i] for i in ok], [ys[i] for i in ok], 0.7, color=[colors[i] for i in ok],
+               yerr=[[max(0.0, lo[i]) for i in ok], [max(0.0, hi[i]) for i in ok]], capsize=3)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([r["backbone"] for r in rs], fontsize=7, rotation=20, ha="right")
+        ax.set_title(f"{cell[0]} · {cell[3]}\n{cell[1]} · {cell[2]}", fontsize=8)
+        if ok:
+            top = max(ys[i] + max(0.0, hi[i]) for i in ok)
+            bot = min(ys[i] - max(0.0, lo[i]) for i in ok)
+            pad = 0.15 * (top - bot) if top > bot else max(abs(top) * 0.05, 1e-3)
+            ax.set_ylim(min(0.0, bot - pad), top + pad)  # bars start at 0
+    fig.suptitle("MAE (blue) vs CrossMAE (orange): mean, 95 % bootstrap interval (else ± s.e.)", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -300,38 +560,79 @@ def plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def build(root: str | os.PathLike, out: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Collect, aggregate and write the CSV, paired CSV, Markdown and PNG. Returns their paths.
+def check_out(out: Path) -> dict[str, Path]:
+    """The output paths for ``--out`` (CSV; paired CSV, Markdown, PNG and HTML beside it), checked
+    before any work: ``.csv`` suffix, an existing folder (or one that can be created) that this
+    process can create files in (probed with a temporary file, removed at once), and no output path
+    that is a folder.
 
     Raises:
-        UserError: ``root`` missing, an unreadable metrics file, or ``out`` not ending in ``.csv``.
+        UserError: one line naming ``--out`` and the problem.
     """
-    root = Path(root)
-    out = Path(out) if out else root / "leaderboard.csv"
+    import tempfile
     if out.suffix != ".csv":
         raise UserError(f"--out {out}: must end in .csv")
+    paths = {"csv": out, "paired": out.with_name(out.stem + "_paired.csv"), "md": out.with_suffix(".md"),
+             "png": out.with_suffix(".png"), "html": out.with_suffix(".html")}
+    anc = out.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"--out {out}: {anc} is not a folder")
+    for p in paths.values():
+        if p.is_dir():
+            raise UserError(f"--out {out}: {p} is a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".leaderboard-probe.", dir=anc)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write in {anc} ({exc.strerror or exc})")
+    return paths
+
+
+def build(root: str | os.PathLike, out: str | os.PathLike | None = None, resamples: int = bootstrap.RESAMPLES,
+          seed: int = bootstrap.SEED, say=None) -> dict[str, Path]:
+    """Collect, aggregate, bootstrap and write the CSV, paired CSV, Markdown, PNG and HTML.
+    Returns their paths. Nothing is written unless ``root`` and ``out`` pass the checks.
+
+    Raises:
+        UserError: ``root`` missing, ``out`` not ending in ``.csv`` or not writable (see
+            :func:`check_out`), ``resamples`` < 1.
+    """
+    from . import leaderboard_html
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: output folder does not exist")
+    paths = check_out(Path(out) if out else root / "leaderboard.csv")
+    if resamples < 1:
+        raise UserError(f"--resamples {resamples}: must be at least 1")
     rows = rows_from(collect(root))
     pairs = paired(rows)
-    paths = {"csv": out, "paired": out.with_name(out.stem + "_paired.csv"), "md": out.with_suffix(".md"),
-             "png": out.with_suffix(".png")}
+    attach_intervals(rows, pairs, resamples, seed, say)
     atomic_write_text(to_csv(rows, COLUMNS), paths["csv"])
     atomic_write_text(to_csv(pairs, PAIRED_COLUMNS), paths["paired"])
-    atomic_write_text(to_markdown(rows, pairs, root), paths["md"])
+    atomic_write_text(to_markdown(rows, pairs, root, resamples), paths["md"])
     plot(rows, paths["png"])
+    atomic_write_text(leaderboard_html.render(rows, pairs, root, resamples, HEADLINE), paths["html"])
     return paths
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.leaderboard", description=__doc__.split("\n\n")[0])
     p.add_argument("output_dir")
-    p.add_argument("--out", default=None, help="CSV path (default OUTPUT_DIR/leaderboard.csv); .md/.png next to it")
+    p.add_argument("--out", default=None,
+                   help="CSV path (default OUTPUT_DIR/leaderboard.csv); _paired.csv/.md/.png/.html next to it")
+    p.add_argument("--resamples", type=int, default=bootstrap.RESAMPLES,
+                   help=f"bootstrap resamples for the 95%% intervals (default {bootstrap.RESAMPLES})")
+    p.add_argument("--seed", type=int, default=bootstrap.SEED, help="bootstrap seed (default %(default)s)")
     return p
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    paths = build(args.output_dir, args.out)
+    paths = build(args.output_dir, args.out, args.resamples, args.seed)
     for k, v in paths.items():
         print(f"{k:7s} {v}")
     return paths

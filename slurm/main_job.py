@@ -52,7 +52,7 @@ def _artefacts(out: Path, sub) -> list[str]:
         if s.kind != "pretrain":
             m = s.dir / "metrics.json"
             lines.append(f"{s.id:46s} {m if m.is_file() else '(failed) ' + str(s.dir / 'task_state.json')}")
-    for name in ("leaderboard.csv", "leaderboard_paired.csv", "leaderboard.md", "leaderboard.png",
+    for name in ("leaderboard.csv", "leaderboard_paired.csv", "leaderboard.md", "leaderboard.png", "leaderboard.html",
                  "main_job_timing.json"):
         lines.append(f"{name:23s}{out / name}")
     lines.append(f"job logs               {out / 'jobs'}")

@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import reference
 from benchmarks.leaderboard import build, main as lb_main, meta_from_args, pretrain_meta
-from crossmae.utils import UserError
+from crossmae.utils import UserError, sha256_file
 
 
 def _ckpt(path: Path, **args) -> Path:
@@ -39,7 +39,7 @@ def _task(root: Path, backbone: str, ckpt: Path, task: str, config: str, seed: i
                                                           "task": task, "config": config, "seed": seed}}))
     if metrics is not None:
         (d / "metrics.json").write_text(json.dumps({
-            "task": task, "protocol": protocol, "metrics": metrics, "backbone": str(ckpt), "backbone_sha256": "ab" * 32,
+            "task": task, "protocol": protocol, "metrics": metrics, "backbone": str(ckpt), "backbone_sha256": sha256_file(ckpt),
             "config_hash": "c0ffee", "seed": seed, "epochs": 100, "wall_time_s": 3600.0, "device": "NVIDIA A100",
             "num_gpus": 8, "code_version": "v1"}))
     return d
@@ -84,7 +84,8 @@ def test_rows_seeds_reference_and_paired(tmp_path, ckpts):
     c = rows["cmae"]
     assert c["method"] == "crossmae" and float(c["reference"]) == 83.5  # the gamma = 0.25 row
     assert float(m["wall_time_s"]) == 3 * 3600.0 and float(m["gpu_hours"]) == 3 * 8.0
-    assert m["gpu_type"] == "NVIDIA A100" and m["checkpoint_sha256"] == "ab" * 32 and m["code_version"] == "v1"
+    assert m["gpu_type"] == "NVIDIA A100" and m["checkpoint_sha256"] == sha256_file(mae) and m["code_version"] == "v1"
+    assert c["checkpoint_sha256"] == sha256_file(cmae)
     pair = _rows(paths["paired"])
     assert len(pair) == 1 and pair[0]["n_pairs"] == "3"
     assert float(pair[0]["diff_mean"]) == pytest.approx((-0.6 + 0.0 - 0.4) / 3)
@@ -133,9 +134,111 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         lb_main([str(tmp_path / "missing")])
     assert e.value.code == 2 and "output folder does not exist" in capsys.readouterr().err
     (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "metrics.json").write_text("{not json")
-    with pytest.raises(UserError, match=r"t/metrics.json: unreadable"):
-        build(tmp_path)
-    with pytest.raises(UserError, match="must end in .csv"):
-        build(tmp_path / "t", tmp_path / "x.txt")
-    assert not (tmp_path / "x.txt").exists()
+    with pytest.raises(SystemExit) as e:
+        lb_main([str(tmp_path / "t"), "--out", str(tmp_path / "x.txt")])
+    assert e.value.code == 2 and "must end in .csv" in capsys.readouterr().err
+    assert not (tmp_path / "x.txt").exists() and list((tmp_path / "t").iterdir()) == []
+
+
+def _snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["parent_is_a_file", "read_only_folder", "output_is_a_folder"])
+def test_unwritable_out_is_one_line_exit_2_and_writes_nothing(tmp_path, ckpts, capsys, case):
+    mae, _ = ckpts
+    root = tmp_path / "out"
+    _task(root, "mae", mae, "finetune", "smoke", 0, {"top1": 50.0})
+    if case == "parent_is_a_file":
+        (tmp_path / "afile").write_text("x")
+        out, what = tmp_path / "afile" / "lb.csv", "is not a folder"
+    elif case == "read_only_folder":
+        out, what = Path("/sys/lb.csv"), "cannot write in /sys"  # read-only even for root
+    else:
+        (tmp_path / "res").mkdir()
+        (tmp_path / "res" / "lb.md").mkdir()  # the Markdown would land on a folder
+        out, what = tmp_path / "res" / "lb.csv", "lb.md is a folder"
+    before_root, before_tmp = _snapshot(root), sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        lb_main([str(root), "--out", str(out), "--resamples", "10"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: --out {out}: ") and what in err
+    assert len(err.strip().splitlines()) == 1
+    assert _snapshot(root) == before_root and sorted(str(p) for p in tmp_path.rglob("*")) == before_tmp
+
+
+@pytest.mark.parametrize("bad", ["{not json", "[1, 2]", '{"task": "finetune"}', '{"task": 3, "metrics": {}}'])
+def test_malformed_metrics_file_is_skipped_with_a_warning(tmp_path, ckpts, capsys, bad):
+    mae, cmae = ckpts
+    root = tmp_path / "out"
+    _task(root, "mae", mae, "finetune", "smoke", 0, {"top1": 50.0})
+    broken = _task(root, "cmae", cmae, "finetune", "smoke", 0, {"top1": 60.0}) / "metrics.json"
+    broken.write_text(bad)
+    paths = build(root, resamples=10)
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1 and str(broken) in warnings[0] and "skipped" in warnings[0]
+    rows = _rows(paths["csv"])
+    assert [(r["backbone"], r["mean"]) for r in rows] == [("mae", "50")]
+    assert all(Path(p).is_file() for p in paths.values())
+
+
+def test_backbones_are_identified_by_sha256_never_by_file_name(tmp_path):
+    root = tmp_path / "out"
+    # two different checkpoints, both called checkpoint-3.pth, evaluated as "seeds" 0 and 1, no task.json
+    a = _ckpt(_mk(tmp_path / "runA") / "checkpoint-3.pth", model="mae_vit_base_patch16", epochs=4, mask_ratio=0.75,
+              decoder_depth=8)
+    b = _ckpt(_mk(tmp_path / "runB") / "checkpoint-3.pth", model="mae_vit_base_patch16", epochs=4, mask_ratio=0.75,
+              kept_mask_ratio=0.25, decoder_depth=2, cross_mae=True)
+    # the same bytes as a under another name and folder: one backbone
+    a2 = tmp_path / "copy-of-a.pth"
+    a2.write_bytes(a.read_bytes())
+    _task(root, "x", a, "finetune", "smoke", 0, {"top1": 10.0}, with_spec=False)
+    _task(root, "y", b, "finetune", "smoke", 1, {"top1": 20.0}, with_spec=False)
+    _task(root, "z", a2, "finetune", "smoke", 2, {"top1": 30.0}, with_spec=False)
+    rows = _rows(build(root, resamples=10)["csv"])
+    by_sha = {r["checkpoint_sha256"]: r for r in rows}
+    assert set(by_sha) == {sha256_file(a), sha256_file(b)}
+    ra, rb = by_sha[sha256_file(a)], by_sha[sha256_file(b)]
+    assert (ra["n_seeds"], ra["seeds"], float(ra["mean"])) == ("2", "0 2", 20.0)
+    assert (rb["n_seeds"], rb["seeds"], float(rb["mean"])) == ("1", "1", 20.0)
+    assert (ra["method"], rb["method"]) == ("mae", "crossmae")
+    # derived names: method, arch, epochs, p, γ, decoder depth and the sha prefix
+    assert ra["backbone"] == f"mae-vit_base_patch16-ep4-p0.75-d8-{sha256_file(a)[:8]}"
+    assert rb["backbone"] == f"crossmae-vit_base_patch16-ep4-p0.75-γ0.25-d2-{sha256_file(b)[:8]}"
+
+
+def test_one_suite_name_for_two_checkpoints_is_never_merged(tmp_path, ckpts):
+    mae, cmae = ckpts
+    root = tmp_path / "out"
+    _task(root / "s1", "mae", mae, "finetune", "smoke", 0, {"top1": 10.0})
+    _task(root / "s2", "mae", cmae, "finetune", "smoke", 0, {"top1": 20.0})  # same NAME, other checkpoint
+    rows = _rows(build(root, resamples=10)["csv"])
+    names = sorted(r["backbone"] for r in rows)
+    assert names == sorted([f"mae@{sha256_file(mae)[:8]}", f"mae@{sha256_file(cmae)[:8]}"])
+    assert all(r["n_seeds"] == "1" for r in rows)
+
+
+def test_a_second_result_for_one_seed_is_reported_not_averaged(tmp_path, ckpts, capsys):
+    mae, _ = ckpts
+    root = tmp_path / "out"
+    _task(root / "s1", "mae", mae, "finetune", "smoke", 0, {"top1": 10.0, "top5": 50.0})
+    again = _task(root / "s2", "mae", mae, "finetune", "smoke", 0, {"top1": 30.0, "top5": 70.0})
+    rows = _rows(build(root, resamples=10)["csv"])
+    assert [(r["metric"], r["n_seeds"], r["mean"]) for r in rows] == [("top1", "1", "10"), ("top5", "1", "50")]
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1 and str(again / "metrics.json") in warnings[0] and "seed 0" in warnings[0]
+
+
+def test_one_checkpoint_under_two_suite_names_stays_two_rows(tmp_path, ckpts):
+    mae, _ = ckpts
+    root = tmp_path / "out"
+    _task(root, "a", mae, "finetune", "smoke", 0, {"top1": 10.0})
+    _task(root, "b", mae, "finetune", "smoke", 0, {"top1": 20.0})
+    rows = _rows(build(root, resamples=10)["csv"])
+    assert [(r["backbone"], r["n_seeds"], r["mean"], r["checkpoint_sha256"]) for r in rows] == [
+        ("a", "1", "10", sha256_file(mae)), ("b", "1", "20", sha256_file(mae))]
+
+
+def _mk(d: Path) -> Path:
+    d.mkdir(parents=True)
+    return d
