@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointManager, unwrap
-from .runs import code_version
+from .checkpoint import CheckpointManager, TrainingDivergedError, unwrap  # noqa: F401  (re-exported)
+from .runs import RunDir, code_version, provenance
 from .utils import (REPO_ROOT, UserError, atomic_write_json, atomic_write_text, cli_entry, config_hash,
                     init_distributed, is_main_process, load_config, resolve_data_root, safe_torch_load,
                     seed_everything, seed_worker, sha256_file)
@@ -54,10 +54,6 @@ PRESET_DIR = REPO_ROOT / "configs" / "pretrain"
 DEFAULT_CONFIG = "paper_crossmae_vit_base"
 AMP_MODES = ("bf16", "fp16", "none")
 log = logging.getLogger("crossmae.pretrain")
-
-
-class TrainingDivergedError(UserError):
-    """The loss became NaN/inf. The run stops; the last good checkpoint is left untouched."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,7 +284,7 @@ class EpochContext:
     epochs: int
     log_freq: int
     writer: Any
-    last_good: str
+    ckpts: CheckpointManager
 
 
 def train_one_epoch(ctx: EpochContext, epoch: int) -> dict:
@@ -347,9 +343,7 @@ def train_one_epoch(ctx: EpochContext, epoch: int) -> dict:
                         value = value / ctx.world
                     loss_value = value.item()
                     if not math.isfinite(loss_value):
-                        raise TrainingDivergedError(
-                            f"epoch {epoch} step {step}: loss is {loss_value} (lr {lr:.3g}); training stopped, "
-                            f"last good checkpoint kept: {ctx.last_good}")
+                        raise ctx.ckpts.diverged(f"epoch {epoch} step {step}: loss is {loss_value} (lr {lr:.3g})")
                     scaler.scale(loss / ctx.accum_iter).backward()
                 loss_sum += loss_value
                 n_micro += 1
@@ -412,6 +406,13 @@ def _main(argv: list[str] | None) -> dict:
         cfg.seed = args.seed
     config_name = Path(args.config).stem
     plan = plan_from_config(cfg)
+    data_root = resolve_data_root(args.data_root)
+    cfg_dict = plain(cfg.to_dict())
+    run = RunDir(args.output_dir, "pretrain", {"config": cfg_dict, "config_name": config_name,
+                                                "data_root": str(data_root.resolve()), "backbone": args.backbone},
+                 config_text(cfg_dict), resume=args.resume or None)
+    if run.finished is not None:
+        return run.finished
 
     # --- everything below until the output dir is created only validates ------------------------
     rank, world, local_rank = init_distributed()
@@ -421,7 +422,7 @@ def _main(argv: list[str] | None) -> dict:
     model = build_model(cfg, plan)
 
     from .data import build_pretrain_dataset
-    folder = resolve_data_root(args.data_root) / cfg.data_subdir
+    folder = data_root / cfg.data_subdir
     dataset = build_pretrain_dataset(folder, cfg.input_size, subset=cfg.data_subset, verify=cfg.verify_images)
     per_rank = math.ceil(len(dataset) / world)
     steps_per_epoch = per_rank // cfg.batch_size // accum
@@ -432,29 +433,31 @@ def _main(argv: list[str] | None) -> dict:
     from .lr_sched import scaled_lr
     lr = float(cfg.lr) if cfg.lr is not None else scaled_lr(
         cfg.blr, effective, cfg.mask_ratio, plan.kept_mask_ratio, cfg.lr_scale_by_ratio)
-    for flag, value in (("--resume", args.resume), ("--backbone", args.backbone)):
+    for flag, value in (("--backbone", args.backbone),):
         if value and not Path(value).is_file():
             raise UserError(f"{flag} {value}: checkpoint file not found")
 
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    run.start()
+    output_dir = run.out
     main_proc = is_main_process()
-    with run_logging(output_dir, main_proc):
-        return _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, world, accum,
-                    steps_per_epoch, lr, output_dir, main_proc)
+    try:
+        with run_logging(output_dir, main_proc):
+            return _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, world, accum,
+                        steps_per_epoch, lr, run, main_proc)
+    finally:
+        run.close()
 
 
 def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, world, accum, steps_per_epoch,
-         lr, output_dir, main_proc) -> dict:
-    """The training part of :func:`main` (inputs validated, output dir exists, logging routed)."""
+         lr, run, main_proc) -> dict:
+    """The training part of :func:`main` (inputs validated, output dir locked, logging routed)."""
     import timm.optim
     import torch.distributed as dist
 
     from .data import loader_generator
 
+    output_dir = run.out
     cfg_dict = plain(cfg.to_dict())
-    if main_proc:
-        atomic_write_text(config_text(cfg_dict), output_dir / "config.py")
     model.to(device)
     ddp_model = model
     if world > 1:
@@ -472,10 +475,8 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
     ckpts = CheckpointManager(output_dir)
 
     # --- resume ----------------------------------------------------------------------------------
-    state = ckpts.load_latest(restore_rng=False)
-    source = ckpts.latest_path
-    if state is None and args.resume:
-        state, source = safe_torch_load(args.resume), Path(args.resume)
+    state = run.load_resume(required=("model", "optimizer", "epoch"))
+    source = run.resume_from
     history: list[dict] = []
     start_epoch = 0
     if state is not None:
@@ -484,6 +485,7 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
         history = [h for h in state.get("history", []) if h["epoch"] < start_epoch]
         changed = sorted(k for k in set(cfg_dict) | set(state.get("config", {}))
                          if cfg_dict.get(k) != state.get("config", {}).get(k))
+        ckpts.resumed(source, f"epoch {start_epoch - 1}")
         log.info(f"resumed from {source} (epoch {start_epoch - 1} finished)"
                  + (f"; config keys changed since: {', '.join(changed)}" if changed else ""))
     elif args.backbone:
@@ -496,8 +498,6 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
              f"epochs {start_epoch}..{cfg.epochs - 1}; amp {cfg.amp if use_amp else 'off (fp32)'}")
 
     metrics_path = output_dir / "metrics.json"
-    if start_epoch < cfg.epochs and main_proc:
-        metrics_path.unlink(missing_ok=True)  # a stale result must not outlive a run that is continuing
 
     writer = None
     if main_proc and cfg.tensorboard and start_epoch < cfg.epochs:
@@ -512,15 +512,9 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
         pin_memory=bool(cfg.pin_mem) and device.type == "cuda", drop_last=True,
         worker_init_fn=seed_worker, generator=generator, persistent_workers=False)
 
-    if state is None:
-        last_good = f"none written yet in {output_dir}"
-    elif source == ckpts.latest_path:
-        last_good = f"{source} (epoch {start_epoch - 1})"
-    else:
-        last_good = f"none written yet in {output_dir} (resumed from {source}, epoch {start_epoch - 1})"
     ctx = EpochContext(ddp_model, loader, optimizer, scaler, device, autocast_dtype, steps_per_epoch, accum,
                        world, float(cfg.mask_ratio), plan.kept_mask_ratio, lr, float(cfg.min_lr),
-                       float(cfg.warmup_epochs), int(cfg.epochs), max(int(cfg.log_freq), 1), writer, last_good)
+                       float(cfg.warmup_epochs), int(cfg.epochs), max(int(cfg.log_freq), 1), writer, ckpts)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             sampler.set_epoch(epoch)
@@ -541,8 +535,7 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
                 snapshot = final or (cfg.snapshot_freq and (epoch + 1) % int(cfg.snapshot_freq) == 0)
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                          "scaler": scaler.state_dict(), "args": ns, "config": cfg_dict, "history": history}
-                path = ckpts.save(state, step=epoch, periodic=bool(snapshot))
-                ctx.last_good = f"{path} (epoch {epoch})"
+                ckpts.save(state, step=epoch, periodic=bool(snapshot), label=f"epoch {epoch}")
             if main_proc:
                 atomic_write_text("".join(_json_line(h) for h in history), output_dir / "log.jsonl")
             if world > 1:
@@ -552,8 +545,9 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
             writer.close()
 
     metrics = _metrics(cfg, plan, config_name, args, history, ns, output_dir, device, world)
+    metrics.update(provenance(run.identity["data_root"], (), num_train=len(dataset), num_eval=0), predictions=None)
+    metrics = run.finish(metrics)
     if main_proc:
-        atomic_write_json(metrics, metrics_path)
         log.info(f"done: final loss {metrics['metrics']['loss']:.5f}; {metrics_path}")
     return metrics
 
