@@ -59,20 +59,31 @@ class TrainingDivergedError(UserError):
     good checkpoint, which is left untouched."""
 
 
-def nonfinite_tensors(obj: Any, prefix: str = "") -> list[str]:
+#: Largest magnitude a healthy WEIGHT may have: sqrt of the float32 maximum (~1.8e19). A larger
+#: weight cannot be squared in float32/bfloat16 (Adam's second moment, weight decay and LARS norms,
+#: every matmul with inputs of the same order overflow), so a run whose weights got there has
+#: diverged even while its numbers are still finite (lr=1e36 gives |w| ~ 1e36 after one step).
+WEIGHT_LIMIT = float(torch.finfo(torch.float32).max) ** 0.5
+
+
+def nonfinite_tensors(obj: Any, prefix: str = "", limit: float | None = None) -> list[str]:
     """Names of the floating-point tensors inside ``obj`` (nested dicts / lists, e.g. a model or
-    optimizer state dict) that hold a NaN or ±inf."""
+    optimizer state dict) that hold a NaN or ±inf, or (with ``limit``) a value with
+    ``|x| >= limit``."""
     bad: list[str] = []
     if isinstance(obj, torch.Tensor):
         if obj.is_floating_point() or obj.is_complex():
-            if not bool(torch.isfinite(obj).all()):
+            ok = bool(torch.isfinite(obj).all())
+            if ok and limit is not None and obj.numel():
+                ok = float(obj.detach().abs().max()) < limit
+            if not ok:
                 bad.append(prefix or "tensor")
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            bad += nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+            bad += nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k), limit)
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            bad += nonfinite_tensors(v, f"{prefix}[{i}]")
+            bad += nonfinite_tensors(v, f"{prefix}[{i}]", limit)
     return bad
 
 
@@ -109,11 +120,13 @@ class CheckpointManager:
         return TrainingDivergedError(f"{what}; training stopped, last good checkpoint kept: {self.last_good}")
 
     def check_finite(self, state: dict, label: str) -> None:
-        """Raise :meth:`diverged` when a ``model`` / ``optimizer`` tensor of ``state`` is NaN/inf."""
-        bad = nonfinite_tensors({"model": state.get("model"), "optimizer": state.get("optimizer")})
+        """Raise :meth:`diverged` when a ``model`` tensor of ``state`` is NaN/inf or has a value of
+        magnitude >= :data:`WEIGHT_LIMIT`, or an ``optimizer`` tensor is NaN/inf."""
+        bad = nonfinite_tensors(state.get("model"), "model", WEIGHT_LIMIT) + \
+            nonfinite_tensors(state.get("optimizer"), "optimizer")
         if bad:
-            raise self.diverged(f"{label}: {len(bad)} non-finite weight/optimizer tensors (e.g. {bad[0]}), "
-                                f"checkpoint not written")
+            raise self.diverged(f"{label}: {len(bad)} non-finite or overflowing (|w| >= {WEIGHT_LIMIT:.2g}) "
+                                f"weight/optimizer tensors (e.g. {bad[0]}), checkpoint not written")
 
     @property
     def latest_path(self) -> Path:

@@ -174,6 +174,7 @@ class RunDir:
             main_process = is_main_process() and int(os.environ.get("RANK", "0")) == 0
         self.main = main_process
         self._lock_fd: int | None = None
+        self._state = None
         self.resume_from: Path | None = None
         self.explicit_resume = None
         if resume not in (None, "", "auto"):
@@ -211,9 +212,10 @@ class RunDir:
             return None
 
     # --- phase 2: take the folder ----------------------------------------------------------------
-    def start(self) -> "RunDir":
+    def start(self, required=("model",)) -> "RunDir":
         """Create the folder, take its lock, re-check that no run finished meanwhile, remove stale
-        temporary files, decide what to resume from and write ``config.py`` + ``run.json``.
+        temporary files, decide what to resume from (and read it: a checkpoint without every key of
+        ``required`` is refused before anything is written) and write ``config.py`` + ``run.json``.
         Call only after every input was validated. Returns ``self``."""
         self.out.mkdir(parents=True, exist_ok=True)
         if self.main:
@@ -244,6 +246,11 @@ class RunDir:
             self.resume_from = latest
         elif self.explicit_resume is not None:
             self.resume_from = self.explicit_resume
+        try:
+            self._state = self._read_state(required)
+        except UserError:
+            self.close()
+            raise
         if self.main:
             atomic_write_text(self.config_text, self.out / "config.py")
             atomic_write_json({"hash": self.hash, "identity": self.identity}, self.out / RUN_RECORD)
@@ -292,14 +299,22 @@ class RunDir:
 
     # --- resume ------------------------------------------------------------------------------
     def load_resume(self, required=("model",)) -> dict | None:
-        """The training state to resume from (``safe_torch_load``), or ``None`` for a fresh run.
+        """The training state to resume from (read once by :meth:`start`), or ``None`` for a fresh run.
 
         Raises:
             UserError: the file is not a dict holding every key of ``required``.
         """
+        state, self._state = self._state, None
+        if state is None:
+            return self._read_state(required)
+        return self._check_state(state, required)
+
+    def _read_state(self, required) -> dict | None:
         if self.resume_from is None:
             return None
-        state = safe_torch_load(self.resume_from)
+        return self._check_state(safe_torch_load(self.resume_from), required)
+
+    def _check_state(self, state, required) -> dict:
         if not isinstance(state, dict):
             raise UserError(f"{self.resume_from}: not a training checkpoint (not a dict)")
         for key in required:

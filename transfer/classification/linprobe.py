@@ -320,12 +320,15 @@ def train_heads(ctx, cached_train: dict, types: dict, fit_idx: torch.Tensor, hol
 @torch.no_grad()
 def _retire_diverged(heads: MultiHead, optimizer, per_head: dict, peaks: dict, diverged: set, log, epoch: int,
                      it: int) -> None:
-    """Retire every head whose loss or (updated) weights are non-finite: it is recorded in
+    """Retire every head whose loss is non-finite or whose (updated) weights are non-finite or
+    overflowing (``crossmae.checkpoint.WEIGHT_LIMIT``): it is recorded in
     ``diverged``, its weights and LARS momentum are zeroed and its lr set to 0 (so the checkpoint
     stays finite), and it is never selected."""
     for t in heads.types:
         w, b = heads.weights[t], heads.biases[t]
-        bad = ~torch.isfinite(per_head[t]) | ~torch.isfinite(w).flatten(1).all(1) | ~torch.isfinite(b).all(1)
+        from crossmae.checkpoint import WEIGHT_LIMIT
+        bad = ~torch.isfinite(per_head[t]) | ~(w.flatten(1).abs() < WEIGHT_LIMIT).all(1) | \
+            ~(b.abs() < WEIGHT_LIMIT).all(1)
         for i in bad.nonzero().flatten().tolist():
             if (t, i) in diverged:
                 continue
