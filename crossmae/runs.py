@@ -218,47 +218,42 @@ class RunDir:
         ``required`` is refused before anything is written) and write ``config.py`` + ``run.json``.
         Call only after every input was validated. Returns ``self``."""
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.main:
-            self._lock()
-            try:
-                again = self._check_finished()
-            except UserError:
-                self.close()
-                raise
-            if again is not None:
-                self.close()
-                raise UserError(f"{self.out / 'metrics.json'}: the same run finished in another process "
-                                f"while this one was validating its inputs; nothing to do")
-            self._clean_stale()
-        latest = self.out / "checkpoint-latest.pth"
-        if latest.exists():
-            rec = self._read_record()
-            if rec is not None and rec.get("hash") != self.hash:
-                self.close()
-                raise UserError(f"{latest}: the run being resumed used another config (differs in: "
-                                f"{_identity_diff(rec['identity'], self.identity)}); use the same config or a "
-                                f"new --output-dir")
-            if rec is None and (self.out / "config.py").exists() and \
-                    (self.out / "config.py").read_text() != self.config_text:
-                self.close()
-                raise UserError(f"{self.out / 'config.py'}: the run being resumed used a different config; "
-                                f"use the same config or a new --output-dir")
-            self.resume_from = latest
-        elif self.explicit_resume is not None:
-            self.resume_from = self.explicit_resume
         try:
+            if self.main:
+                self._lock()   # only acquired: the holder is written once every check passed
+                if self._check_finished() is not None:
+                    raise UserError(f"{self.out / 'metrics.json'}: the same run finished in another process "
+                                    f"while this one was validating its inputs; nothing to do")
+            self._check_resume()
             self._state = self._read_state(required)
         except UserError:
             self.close()
             raise
         if self.main:
+            self._write_holder()
+            self._clean_stale()
             atomic_write_text(self.config_text, self.out / "config.py")
             atomic_write_json({"hash": self.hash, "identity": self.identity}, self.out / RUN_RECORD)
         return self
 
+    def _check_resume(self) -> None:
+        latest = self.out / "checkpoint-latest.pth"
+        if latest.exists():
+            rec = self._read_record()
+            if rec is not None and rec.get("hash") != self.hash:
+                raise UserError(f"{latest}: the run being resumed used another config (differs in: "
+                                f"{_identity_diff(rec['identity'], self.identity)}); use the same config or a "
+                                f"new --output-dir")
+            if rec is None and (self.out / "config.py").exists() and \
+                    (self.out / "config.py").read_text() != self.config_text:
+                raise UserError(f"{self.out / 'config.py'}: the run being resumed used a different config; "
+                                f"use the same config or a new --output-dir")
+            self.resume_from = latest
+        elif self.explicit_resume is not None:
+            self.resume_from = self.explicit_resume
+
     def _lock(self) -> None:
         import fcntl
-        import socket
         path = self.out / LOCK_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -272,11 +267,14 @@ class RunDir:
             raise UserError(f"{self.out}: output dir is in use by another run (pid {holder.get('pid', '?')} on "
                             f"host {holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it "
                             f"or choose another --output-dir") from None
+        self._lock_fd = fd
+
+    def _write_holder(self) -> None:
+        import socket
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "task": self.task}) + "\n"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
-        self._lock_fd = fd
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, info.encode(), 0)
 
     def _clean_stale(self) -> None:
         for p in self.out.rglob(".*"):
