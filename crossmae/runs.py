@@ -180,7 +180,7 @@ class RunDir:
         if resume not in (None, "", "auto"):
             self.explicit_resume = Path(resume)
             if not self.explicit_resume.is_file():
-                raise UserError(f"{self.explicit_resume}: --resume checkpoint not found")
+                raise UserError(f"--resume {self.explicit_resume}: checkpoint file not found")
         self.finished = self._check_finished()
 
     # --- phase 1: read-only checks -------------------------------------------------------------
