@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import engine
 from .checkpoint import CheckpointManager, TrainingDivergedError, unwrap  # noqa: F401  (re-exported)
 from .runs import RunDir, code_version, provenance
 from .utils import (REPO_ROOT, UserError, atomic_write_json, atomic_write_text, cli_entry, config_hash,
@@ -301,14 +302,12 @@ def train_one_epoch(ctx: EpochContext, epoch: int) -> dict:
         TrainingDivergedError: a non-finite loss (all ranks raise together).
         CorruptImageError: an image could not be decoded (one line naming the file).
     """
-    import torch.distributed as dist
     from tqdm import tqdm
 
     from .data import CorruptImageError, clean_loader_error
     from .lr_sched import adjust_learning_rate
 
     model, opt, scaler = ctx.model, ctx.optimizer, ctx.scaler
-    distributed = ctx.world > 1
     main = is_main_process()
     model.train(True)
     opt.zero_grad(set_to_none=True)
@@ -331,26 +330,16 @@ def train_one_epoch(ctx: EpochContext, epoch: int) -> dict:
                     raise clean_loader_error(exc) from None
                 imgs = imgs.to(ctx.device, non_blocking=True)
                 batch_global = imgs.shape[0] * ctx.world
-                last_micro = micro == ctx.accum_iter - 1
-                sync = model.no_sync() if (distributed and not last_micro) else contextlib.nullcontext()
-                with sync:
-                    with torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype or torch.float32,
-                                        enabled=ctx.autocast_dtype is not None):
+                with engine.no_sync(model, micro == ctx.accum_iter - 1):
+                    with engine.autocast(ctx.device, ctx.autocast_dtype):
                         loss, _, _ = model(imgs, mask_ratio=ctx.mask_ratio, kept_mask_ratio=ctx.kept_mask_ratio)
-                    value = loss.detach().float()
-                    if distributed:
-                        dist.all_reduce(value)
-                        value = value / ctx.world
-                    loss_value = value.item()
-                    if not math.isfinite(loss_value):
-                        raise ctx.ckpts.diverged(f"epoch {epoch} step {step}: loss is {loss_value} (lr {lr:.3g})")
-                    scaler.scale(loss / ctx.accum_iter).backward()
+                    loss_value = engine.loss_value(loss, ctx.ckpts, f"epoch {epoch} step {step}", ctx.world,
+                                                   lambda: f"lr {lr:.3g}")
+                    engine.backward(loss, ctx.accum_iter, scaler)
                 loss_sum += loss_value
                 n_micro += 1
                 images += batch_global
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+            engine.optimizer_step(opt, scaler)
 
             elapsed = time.time() - t0
             ips = images / max(elapsed, 1e-9)
@@ -362,10 +351,8 @@ def train_one_epoch(ctx: EpochContext, epoch: int) -> dict:
                 log.info(f"epoch {epoch}/{ctx.epochs} step {step + 1}/{ctx.steps_per_epoch} loss {loss_value:.4f} "
                          f"lr {lr:.3e} {ips:.1f} img/s eta epoch {_fmt_time(eta_epoch)} total {_fmt_time(eta_total)}",
                          extra={"console": not show_bar})
-            if ctx.writer is not None:
-                x = int((epoch + (step + 1) / ctx.steps_per_epoch) * 1000)
-                ctx.writer.add_scalar("train_loss", loss_value, x)
-                ctx.writer.add_scalar("lr", lr, x)
+            engine.log_scalars(ctx.writer, {"train_loss": loss_value, "lr": lr},
+                               int((epoch + (step + 1) / ctx.steps_per_epoch) * 1000))
     finally:
         bar.close()
         del it

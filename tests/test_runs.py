@@ -44,12 +44,13 @@ def test_finished_run_is_never_overwritten_and_changed_config_never_resumed(tmp_
     out = run.start().out
     assert run.resume_from is None and (out / "config.py").read_text() == cfg.pretty_text
     run.close()
-    (out / "checkpoint-latest.pth").write_bytes(b"x")
+    import torch
+    torch.save({"model": {}, "epoch": 0}, out / "checkpoint-latest.pth")
     other = load_config("smoke", ["seed=123"], REPO_ROOT / "configs" / "ade20k")
     with pytest.raises(UserError, match=r"another config \(differs in: config\.seed\)"):
         prepare_run(other, out, None, "ade20k").start()
     again = prepare_run(cfg, out, None, "ade20k").start()
-    assert again.resume_from == out / "checkpoint-latest.pth"
+    assert again.resume_from == out / "checkpoint-latest.pth" and again.load_resume() == {"model": {}, "epoch": 0}
     again.finish({"metrics": {"mIoU": 1.0}})
     again.close()
     saved = json.loads((out / "metrics.json").read_text())

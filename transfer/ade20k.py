@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from crossmae import engine
 from crossmae.checkpoint import CheckpointManager, unwrap
 from crossmae.utils import (REPO_ROOT, UserError, atomic_write_json, cli_entry, config_hash, default_device,
                             init_distributed, is_main_process, resolve_data_root, seed_everything, seed_worker)
@@ -339,16 +340,12 @@ def _run(args, cfg, out: Path, run, log, train_ds, val_ds, class_names, device, 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             factor = lr_factor(it, int(s.warmup_iters), float(s.warmup_start_factor), max_iters, float(s.power))
             set_group_lrs(optimizer, base_lr, factor)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with engine.autocast(device, amp_dtype):
                 losses = model(x, y)
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
-                raise ckpt.diverged(f"iteration {it}: loss is {loss.item()} (lr {base_lr * factor:.3g})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.get("grad_clip"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.train.grad_clip))
-            optimizer.step()
+            engine.loss_value(losses["loss"], ckpt, f"iteration {it}", world, lambda: f"lr {base_lr * factor:.3g}")
+            engine.backward(losses["loss"])
+            clip = cfg.train.get("grad_clip")
+            engine.optimizer_step(optimizer, None, float(clip) if clip else None, model.parameters())
             it += 1
             if it % int(cfg.train.log_interval) == 0 or it == stop:
                 dt = (time.time() - t_log) / max(it - it_log, 1)
@@ -356,11 +353,8 @@ def _run(args, cfg, out: Path, run, log, train_ds, val_ds, class_names, device, 
                 vals = {k: float(v.detach()) for k, v in losses.items()}
                 log.info(f"iter {it}/{max_iters} loss {vals['loss']:.4f} (ce {vals['loss_ce']:.4f}, aux "
                          f"{vals['aux.loss_ce']:.4f}) lr {base_lr * factor:.3e} {dt:.2f}s/it")
-                if tb is not None:
-                    for k, v in vals.items():
-                        tb.add_scalar(f"train/{k}", v, it)
-                    tb.add_scalar("train/lr", base_lr * factor, it)
-            if it % int(cfg.train.checkpoint_interval) == 0 or it == stop:
+                engine.log_scalars(tb, {**vals, "lr": base_lr * factor}, it, "train/")
+            if engine.due(it, int(cfg.train.checkpoint_interval), it == stop):
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                          "iter": it, "epoch": 0, "wall_time_s": prev_wall + time.time() - t_start,
                          "config_hash": config_hash(cfg.to_dict())}

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from crossmae import engine
 from crossmae.checkpoint import CheckpointManager, unwrap
 from crossmae.utils import (REPO_ROOT, UserError, atomic_save, atomic_write_json, atomic_write_text, cli_entry,
                             config_hash, init_distributed, is_main_process, load_config, resolve_data_root,
@@ -320,23 +321,16 @@ def _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_s
                 batch = next(data_iter)
                 _check_batch(batch)
                 images, targets = zip(*[_to_device(b, device) for b in batch])
-                sync = contextlib.nullcontext() if (world == 1 or a == accum - 1) else train_model.no_sync()
-                with sync:
+                with engine.no_sync(train_model, a == accum - 1):
                     with _amp(device, tc):
                         losses = train_model(list(images), list(targets))
                     loss = sum(losses.values())
-                    if not torch.isfinite(loss):
-                        raise ckpt.diverged(f"iteration {it}: loss is {loss.item()} ("
-                                            + ", ".join(f"{k}={v.item():.3g}" for k, v in losses.items()) + ")")
-                    (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+                    engine.loss_value(loss, ckpt, f"iteration {it}", world, detail=lambda: ", ".join(
+                        f"{k}={v.item():.3g}" for k, v in losses.items()))
+                    engine.backward(loss, accum, scaler)
                 for k, v in losses.items():
                     sums[k] += v.item() / accum
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            engine.optimizer_step(optimizer, scaler)
             it += 1
             sums["total_loss"] = sum(sums[k] for k in LOSS_NAMES)
             history.append({"iter": it, **sums, "lr": cfg.optim.lr * factor})
@@ -344,10 +338,8 @@ def _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_s
                 dt = (time.time() - t_iter) / max(1, len(history))
                 log.info(f"iter {it}/{max_iter}  " + "  ".join(f"{k}={v:.4f}" for k, v in sums.items())
                          + f"  lr={cfg.optim.lr * factor:.3e}  {dt:.2f}s/it")
-                for k, v in sums.items():
-                    tb.add_scalar(f"train/{k}", v, it)
-                tb.add_scalar("train/lr", cfg.optim.lr * factor, it)
-            if it % tc.checkpoint_period == 0 or it == max_iter:
+                engine.log_scalars(tb, {**sums, "lr": cfg.optim.lr * factor}, it, "train/")
+            if engine.due(it, tc.checkpoint_period, it == max_iter):
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict() if scaler else None, "iter": it, "epoch": it,
                          "backbone_report": report_dict, "config_hash": metrics_common["config_hash"],

@@ -169,9 +169,8 @@ def epoch_end(rec: dict, *, log, tb, task: str, ckpt, state: dict | None, histor
     epoch = rec["epoch"]
     log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
     if tb is not None:
-        for k, v in rec.items():
-            if k != "epoch" and isinstance(v, (int, float)):
-                tb.add_scalar(f"{task}/{k}", v, epoch)
+        from crossmae import engine
+        engine.log_scalars(tb, {k: v for k, v in rec.items() if k != "epoch"}, epoch, f"{task}/")
         tb.flush()
     if state is not None:
         ckpt.save(dict(state, epoch=epoch, history=history, wall_time=timer.elapsed), step=epoch, periodic=periodic,
@@ -180,16 +179,20 @@ def epoch_end(rec: dict, *, log, tb, task: str, ckpt, state: dict | None, histor
         hook(epoch)
 
 
-def train_one_epoch(epoch: int, *, cfg, loader, optimizer, lr: float, loss_fn, params=None, ckpt=None) -> dict:
+def train_one_epoch(epoch: int, *, cfg, loader, optimizer, lr: float, loss_fn, ckpt, params=None) -> dict:
     """One epoch of MAE's ``engine_finetune.train_one_epoch``: per-iteration lr (warmup + cosine,
     :func:`adjust_learning_rate` at fractional epochs, updated every ``accum_iter`` steps), gradient
-    accumulation, optional ``clip_grad`` over ``params``. ``loss_fn(x, y) -> scalar loss``.
+    accumulation, optional ``clip_grad`` over ``params``. ``loss_fn(x, y) -> scalar loss``; ``ckpt``
+    the run's :class:`crossmae.checkpoint.CheckpointManager` (named in the divergence error). The
+    steps are :mod:`crossmae.engine`'s.
 
     Returns ``{'epoch', 'train_loss', 'lr'}``.
 
     Raises:
         TrainingDivergedError: a non-finite loss (the message names ``ckpt``'s last good checkpoint).
     """
+    from crossmae import engine
+    params = None if params is None else list(params)  # a generator would be used up by the first clip
     steps = len(loader)
     total, n, cur = 0.0, 0, 0.0
     optimizer.zero_grad()
@@ -197,16 +200,11 @@ def train_one_epoch(epoch: int, *, cfg, loader, optimizer, lr: float, loss_fn, p
         if it % cfg.accum_iter == 0:
             cur = adjust_learning_rate(optimizer, it / steps + epoch, lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
         loss = loss_fn(x, y)
-        if not torch.isfinite(loss):
-            what = f"epoch {epoch} iteration {it}: loss is {loss.item()} (lr {cur:.3g})"
-            raise ckpt.diverged(what) if ckpt is not None else TrainingDivergedError(what)
-        (loss / cfg.accum_iter).backward()
+        value = engine.loss_value(loss, ckpt, f"epoch {epoch} iteration {it}", detail=lambda: f"lr {cur:.3g}")
+        engine.backward(loss, cfg.accum_iter)
         if (it + 1) % cfg.accum_iter == 0:
-            if cfg.get("clip_grad") is not None and params is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad()
-        total, n = total + loss.item(), n + 1
+            engine.optimizer_step(optimizer, None, cfg.get("clip_grad"), params)
+        total, n = total + value, n + 1
     return {"epoch": epoch, "train_loss": total / max(n, 1), "lr": cur}
 
 
