@@ -420,9 +420,10 @@ def _main(argv: list[str] | None) -> dict:
     from .lr_sched import scaled_lr
     lr = float(cfg.lr) if cfg.lr is not None else scaled_lr(
         cfg.blr, effective, cfg.mask_ratio, plan.kept_mask_ratio, cfg.lr_scale_by_ratio)
-    for flag, value in (("--backbone", args.backbone),):
-        if value and not Path(value).is_file():
-            raise UserError(f"{flag} {value}: checkpoint file not found")
+    if args.backbone:
+        if not Path(args.backbone).is_file():
+            raise UserError(f"--backbone {args.backbone}: checkpoint file not found")
+        _init_from_backbone(Path(args.backbone), model)  # read (and checked) before anything is written
 
     run.start()
     output_dir = run.out
@@ -476,7 +477,7 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
         log.info(f"resumed from {source} (epoch {start_epoch - 1} finished)"
                  + (f"; config keys changed since: {', '.join(changed)}" if changed else ""))
     elif args.backbone:
-        _init_from_backbone(Path(args.backbone), model)
+        log.info(f"initialised all {len(model.state_dict())} tensors from --backbone {args.backbone}")
 
     log.info(f"{cfg.model} ({plan.method}, {plan.arch}) {cfg.input_size}px p={cfg.mask_ratio} "
              f"γ={plan.kept_mask_ratio if plan.kept_mask_ratio is not None else cfg.mask_ratio} on {device} "
@@ -573,7 +574,6 @@ def _init_from_backbone(path: Path, model) -> None:
                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(shape)} shape mismatches "
                         f"(e.g. {shape[:3]})")
     model.load_state_dict(sd, strict=True)
-    log.info(f"initialised all {len(own)} tensors from --backbone {path}")
 
 
 def _metrics(cfg, plan, config_name, args, history, ns, output_dir, device, world) -> dict:

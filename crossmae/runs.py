@@ -1,10 +1,14 @@
 """Run plumbing shared by every command (pretraining and each transfer task).
 
-Run directory life cycle (task protocol of ``docs/CONTRACTS.md``): :func:`prepare_run` refuses an
-output dir that already holds a finished ``metrics.json`` (never overwritten silently), refuses to
-resume a run whose resolved config differs, and writes ``config.py``; a command trains with a
-:class:`crossmae.checkpoint.CheckpointManager`; :func:`finish_run` writes ``metrics.json`` last, so a
-failed run never leaves one.
+The run lifecycle (docs/CONTRACTS.md "Run lifecycle") is ONE implementation, :class:`RunDir`, used by
+``crossmae.pretrain``, ``transfer.coco`` (training and ``--eval-only``), ``transfer.ade20k``,
+``transfer.finetune`` / ``inat`` / ``places`` and ``transfer.linprobe``: read-only checks of the output
+folder (a finished ``metrics.json`` is final: same identity → its result, other identity → exit 2),
+validation of every input before anything is written, an exclusive ``fcntl`` lock on ``run.lock``
+for the whole run, resume only with the same identity, removal of stale temporary files,
+``config.py`` + ``run.json``, and ``metrics.json`` written last (:meth:`RunDir.finish`) with the
+provenance of :func:`provenance`. Training steps shared by the loops are :mod:`crossmae.engine`;
+healthy checkpoints are :class:`crossmae.checkpoint.CheckpointManager`'s.
 """
 from __future__ import annotations
 

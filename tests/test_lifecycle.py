@@ -208,13 +208,22 @@ def test_resume_checkpoint_without_model_is_refused_before_writing(cmds, tmp_pat
         assert not (out / "config.py").exists() and not (out / "metrics.json").exists()
 
 
-def test_bad_input_leaves_no_folder(cmds, tmp_path, capsys):
+def test_bad_input_leaves_no_folder(cmds, tmp_path, capsys, tiny_mae_official):
     missing = tmp_path / "missing.pth"
     for name in ("coco", "ade20k", "finetune", "linprobe"):
         argv = cmds[name].argv(tmp_path / name)
         argv[argv.index("--backbone") + 1] = str(missing)
         fails(capsys, cmds[name].main, argv, "missing.pth")
         assert not (tmp_path / name).exists(), name
+    # checkpoints that exist but do not fit are read before anything is written, too
+    out = tmp_path / "pre"
+    fails(capsys, pretrain.main, cmds["pretrain"].argv(out, extra=["--backbone", str(tiny_mae_official)]),
+          "does not fit the model")
+    out2 = tmp_path / "ev"
+    fails(capsys, coco.main, ["--eval-only", "--weights", str(tiny_mae_official), "--config", "smoke",
+                              "--data-root", cmds["coco"].head[-1], "--output-dir", str(out2),
+                              "--cfg-options", *COCO_OPTS], "weights do not match")
+    assert not out.exists() and not out2.exists()
 
 
 # --------------------------------------------------------------------------------------------------

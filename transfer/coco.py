@@ -197,8 +197,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.backbone not in (None, "none") and not args.eval_only:
         from crossmae.zoo import resolve_backbone
         resolve_backbone(args.backbone)
-    if args.eval_only:
-        safe_torch_load(args.weights)  # an unreadable --weights file fails before anything is written
     # the detector and its pretrained backbone are built before anything is written (bad checkpoint:
     # one line, empty folder); a resumed run overwrites the weights from its checkpoint
     from transfer.vitdet.backbone import load_pretrained_backbone
@@ -206,7 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(args.seed + rank)
     mc = cfg.model.to_dict()
     run.model, run.report = build_model(mc), None
-    if not args.eval_only and args.backbone != "none":
+    if args.eval_only:
+        load_detector_weights(run.model, args.weights)
+    elif args.backbone != "none":
         run.report = load_pretrained_backbone(run.model.backbone.net, args.backbone, mc["pretrain_img_size"],
                                               mc["arch"])
 
@@ -243,7 +243,6 @@ def _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_s
                           eval_image_ids=[int(im["id"]) for im in val_set.images],
                           predictions="inference/coco_instances_results.json")
     if args.eval_only:
-        load_detector_weights(model, args.weights)
         metrics, per_cat = evaluate(model, val_set, device, cfg, out, "", log)
         result = {**metrics_common, "metrics": metrics, "per_category": per_cat, "backbone": args.backbone,
                   "backbone_sha256": None, "backbone_report": None, "weights": str(args.weights),
