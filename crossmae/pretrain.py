@@ -9,6 +9,8 @@ RandomResizedCrop(0.2–1, bicubic) + flip (:mod:`crossmae.data`), gradient accu
 
 Output directory (every file written atomically)::
 
+    run.lock                the exclusive lock of a running run (holder: pid, host, start time)
+    run.json                the run's identity and its hash (crossmae.runs.RunDir)
     config.py               the resolved config (flat ``key = value`` lines)
     log.txt                 human-readable log (rank 0)
     log.jsonl               one JSON object per finished epoch (loss, lr, images/s, time)
@@ -20,6 +22,9 @@ Output directory (every file written atomically)::
 
 Checkpoints hold the official layout ``{'model', 'optimizer', 'epoch', 'scaler', 'args'}`` (``args`` an
 ``argparse.Namespace`` with the official argument names) plus ``config``, ``history``, ``rng``.
+
+Run lifecycle: :class:`crossmae.runs.RunDir`, shared by every command (a finished folder is final;
+another config never resumes in the same folder: extend a run with ``--resume FILE`` into a new one).
 
 Resume semantics: epoch-granular. A restarted run continues after the last epoch in
 ``<output-dir>/checkpoint-latest.pth`` (``--resume FILE`` is used only when the folder has none). Every

@@ -201,7 +201,7 @@ class RunDir:
                             f"results are never overwritten: choose a new --output-dir") from None
         if old.get("run_hash") != self.hash:
             rec = self._read_record()
-            what = _identity_diff(rec["identity"], self.identity) if rec else "run record missing"
+            what = _identity_diff(rec["identity"], self.identity) if rec else f"unknown, no {RUN_RECORD}"
             raise UserError(f"{path}: output dir holds a finished run with another config (differs in: {what}); "
                             f"results are never overwritten: choose a new --output-dir")
         if self.main:
