@@ -155,6 +155,12 @@ def test_finished_run_is_final_for_every_command(cmds, finished, capsys):
         fails(capsys, c.main, c.argv(out, *OTHER_VALUE[name]), "finished run with another config",
               OTHER_VALUE[name][-1].split("=")[0])
         assert snapshot(out) == before, name
+    out, _ = finished["pretrain"]          # another preset
+    before = snapshot(out)
+    argv = cmds["pretrain"].argv(out)
+    argv[argv.index("smoke_crossmae")] = "smoke_mae"
+    fails(capsys, pretrain.main, argv, "finished run with another config", "config_name")
+    assert snapshot(out) == before
     out, _ = finished["coco"]
     before = snapshot(out)
     fails(capsys, coco.main, ["--eval-only", "--weights", str(out / "model_final.pth"), "--config", "smoke",
