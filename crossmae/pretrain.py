@@ -524,11 +524,13 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
             log.info(f"epoch {epoch} done: loss {stats['loss']:.5f} lr {stats['lr']:.3e} "
                      f"{stats['images_per_s']:.1f} img/s {stats['time_s']:.1f}s")
             final = epoch + 1 == cfg.epochs
-            if main_proc and (final or (epoch + 1) % max(int(cfg.save_freq), 1) == 0):
+            if final or (epoch + 1) % max(int(cfg.save_freq), 1) == 0:
                 snapshot = final or (cfg.snapshot_freq and (epoch + 1) % int(cfg.snapshot_freq) == 0)
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                          "scaler": scaler.state_dict(), "args": ns, "config": cfg_dict, "history": history}
-                ckpts.save(state, step=epoch, periodic=bool(snapshot), label=f"epoch {epoch}")
+                ckpts.check_finite(state, f"epoch {epoch}")  # on every rank: unhealthy weights stop all of them
+                if main_proc:
+                    ckpts.save(state, step=epoch, periodic=bool(snapshot), label=f"epoch {epoch}")
             if main_proc:
                 atomic_write_text("".join(_json_line(h) for h in history), output_dir / "log.jsonl")
             if world > 1:
