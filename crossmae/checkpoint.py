@@ -54,8 +54,45 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class TrainingDivergedError(UserError):
+    """The loss or the weights became NaN/inf. The run stops (exit 2); the message names the last
+    good checkpoint, which is left untouched."""
+
+
+#: Largest magnitude a healthy WEIGHT may have: sqrt of the float32 maximum (~1.8e19). A larger
+#: weight cannot be squared in float32/bfloat16 (Adam's second moment, weight decay and LARS norms,
+#: every matmul with inputs of the same order overflow), so a run whose weights got there has
+#: diverged even while its numbers are still finite (lr=1e36 gives |w| ~ 1e36 after one step).
+WEIGHT_LIMIT = float(torch.finfo(torch.float32).max) ** 0.5
+
+
+def nonfinite_tensors(obj: Any, prefix: str = "", limit: float | None = None) -> list[str]:
+    """Names of the floating-point tensors inside ``obj`` (nested dicts / lists, e.g. a model or
+    optimizer state dict) that hold a NaN or ±inf, or (with ``limit``) a value with
+    ``|x| >= limit``."""
+    bad: list[str] = []
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            ok = bool(torch.isfinite(obj).all())
+            if ok and limit is not None and obj.numel():
+                ok = float(obj.detach().abs().max()) < limit
+            if not ok:
+                bad.append(prefix or "tensor")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            bad += nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k), limit)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            bad += nonfinite_tensors(v, f"{prefix}[{i}]", limit)
+    return bad
+
+
 class CheckpointManager:
     """Atomic save / resume of training state in one output directory.
+
+    A state is saved only when every tensor of its ``model`` and ``optimizer`` entries is finite, so
+    the folder's checkpoints are always "good"; :attr:`last_good` describes the newest one for the
+    divergence message (:meth:`diverged`).
 
     Args:
         output_dir: the run's folder (created if absent).
@@ -66,20 +103,52 @@ class CheckpointManager:
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.keep = keep
+        self.last_good = (f"{self.latest_path}" if self.latest_path.exists()
+                          else f"none written yet in {self.dir}")
+
+    def resumed(self, source: str | Path, label: str) -> None:
+        """Record that training continues from ``source`` (``label`` e.g. "epoch 3", "iteration 40")."""
+        source = Path(source)
+        if source.resolve() == self.latest_path.resolve():
+            self.last_good = f"{source} ({label})"
+        else:
+            self.last_good = f"none written yet in {self.dir} (resumed from {source}, {label})"
+
+    def diverged(self, what: str) -> TrainingDivergedError:
+        """The one-line error ending a run whose loss / weights became non-finite (``what`` says
+        where, e.g. "iteration 7: loss is nan"); raise it."""
+        return TrainingDivergedError(f"{what}; training stopped, last good checkpoint kept: {self.last_good}")
+
+    def check_finite(self, state: dict, label: str) -> None:
+        """Raise :meth:`diverged` when a ``model`` tensor of ``state`` is NaN/inf or has a value of
+        magnitude >= :data:`WEIGHT_LIMIT`, or an ``optimizer`` tensor is NaN/inf."""
+        bad = nonfinite_tensors(state.get("model"), "model", WEIGHT_LIMIT) + \
+            nonfinite_tensors(state.get("optimizer"), "optimizer")
+        if bad:
+            raise self.diverged(f"{label}: {len(bad)} non-finite or overflowing (|w| >= {WEIGHT_LIMIT:.2g}) "
+                                f"weight/optimizer tensors (e.g. {bad[0]}), checkpoint not written")
 
     @property
     def latest_path(self) -> Path:
         return self.dir / LATEST
 
-    def save(self, state: dict, step: int | None = None, periodic: bool = False) -> Path:
+    def save(self, state: dict, step: int | None = None, periodic: bool = False, label: str | None = None) -> Path:
         """Write ``state`` (plus the RNG snapshot) as ``checkpoint-latest.pth``; with ``periodic``
-        also as ``checkpoint-<step>.pth``. Returns the latest path."""
+        also as ``checkpoint-<step>.pth``. Returns the latest path.
+
+        Raises:
+            TrainingDivergedError: a model / optimizer tensor is NaN/inf (nothing is written).
+        """
+        label = label or (f"step {step}" if step is not None else "checkpoint")
+        self.check_finite(state, label)
         state = dict(state)
         state.setdefault("rng", rng_state())
         if periodic and step is not None:
             atomic_save(state, self.dir / f"checkpoint-{step}.pth")
             self._prune()
-        return atomic_save(state, self.latest_path)
+        path = atomic_save(state, self.latest_path)
+        self.last_good = f"{path} ({label})"
+        return path
 
     def _prune(self) -> None:
         if self.keep <= 0:

@@ -9,6 +9,8 @@ RandomResizedCrop(0.2–1, bicubic) + flip (:mod:`crossmae.data`), gradient accu
 
 Output directory (every file written atomically)::
 
+    run.lock                the exclusive lock of a running run (holder: pid, host, start time)
+    run.json                the run's identity and its hash (crossmae.runs.RunDir)
     config.py               the resolved config (flat ``key = value`` lines)
     log.txt                 human-readable log (rank 0)
     log.jsonl               one JSON object per finished epoch (loss, lr, images/s, time)
@@ -20,6 +22,9 @@ Output directory (every file written atomically)::
 
 Checkpoints hold the official layout ``{'model', 'optimizer', 'epoch', 'scaler', 'args'}`` (``args`` an
 ``argparse.Namespace`` with the official argument names) plus ``config``, ``history``, ``rng``.
+
+Run lifecycle: :class:`crossmae.runs.RunDir`, shared by every command (a finished folder is final;
+another config never resumes in the same folder: extend a run with ``--resume FILE`` into a new one).
 
 Resume semantics: epoch-granular. A restarted run continues after the last epoch in
 ``<output-dir>/checkpoint-latest.pth`` (``--resume FILE`` is used only when the folder has none). Every
@@ -44,8 +49,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointManager, unwrap
-from .runs import code_version
+from . import engine
+from .checkpoint import CheckpointManager, TrainingDivergedError, unwrap  # noqa: F401  (re-exported)
+from .runs import RunDir, code_version, provenance
 from .utils import (REPO_ROOT, UserError, atomic_write_json, atomic_write_text, cli_entry, config_hash,
                     init_distributed, is_main_process, load_config, resolve_data_root, safe_torch_load,
                     check_compile_option, maybe_compile, seed_everything, seed_worker, sha256_file)
@@ -55,10 +61,6 @@ PRESET_DIR = REPO_ROOT / "configs" / "pretrain"
 DEFAULT_CONFIG = "paper_crossmae_vit_base"
 AMP_MODES = ("bf16", "fp16", "none")
 log = logging.getLogger("crossmae.pretrain")
-
-
-class TrainingDivergedError(UserError):
-    """The loss became NaN/inf. The run stops; the last good checkpoint is left untouched."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,7 +292,7 @@ class EpochContext:
     epochs: int
     log_freq: int
     writer: Any
-    last_good: str
+    ckpts: CheckpointManager
 
 
 def train_one_epoch(ctx: EpochContext, epoch: int) -> dict:
@@ -307,14 +309,12 @@ def train_one_epoch(ctx: EpochContext, epoch: int) -> dict:
         TrainingDivergedError: a non-finite loss (all ranks raise together).
         CorruptImageError: an image could not be decoded (one line naming the file).
     """
-    import torch.distributed as dist
     from tqdm import tqdm
 
     from .data import CorruptImageError, clean_loader_error
     from .lr_sched import adjust_learning_rate
 
     model, opt, scaler = ctx.model, ctx.optimizer, ctx.scaler
-    distributed = ctx.world > 1
     main = is_main_process()
     model.train(True)
     opt.zero_grad(set_to_none=True)
@@ -337,28 +337,16 @@ def train_one_epoch(ctx: EpochContext, epoch: int) -> dict:
                     raise clean_loader_error(exc) from None
                 imgs = imgs.to(ctx.device, non_blocking=True)
                 batch_global = imgs.shape[0] * ctx.world
-                last_micro = micro == ctx.accum_iter - 1
-                sync = model.no_sync() if (distributed and not last_micro) else contextlib.nullcontext()
-                with sync:
-                    with torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype or torch.float32,
-                                        enabled=ctx.autocast_dtype is not None):
+                with engine.no_sync(model, micro == ctx.accum_iter - 1):
+                    with engine.autocast(ctx.device, ctx.autocast_dtype):
                         loss, _, _ = model(imgs, mask_ratio=ctx.mask_ratio, kept_mask_ratio=ctx.kept_mask_ratio)
-                    value = loss.detach().float()
-                    if distributed:
-                        dist.all_reduce(value)
-                        value = value / ctx.world
-                    loss_value = value.item()
-                    if not math.isfinite(loss_value):
-                        raise TrainingDivergedError(
-                            f"epoch {epoch} step {step}: loss is {loss_value} (lr {lr:.3g}); training stopped, "
-                            f"last good checkpoint kept: {ctx.last_good}")
-                    scaler.scale(loss / ctx.accum_iter).backward()
+                    loss_value = engine.loss_value(loss, ctx.ckpts, f"epoch {epoch} step {step}", ctx.world,
+                                                   lambda: f"lr {lr:.3g}")
+                    engine.backward(loss, ctx.accum_iter, scaler)
                 loss_sum += loss_value
                 n_micro += 1
                 images += batch_global
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+            engine.optimizer_step(opt, scaler)
 
             elapsed = time.time() - t0
             ips = images / max(elapsed, 1e-9)
@@ -370,10 +358,8 @@ def train_one_epoch(ctx: EpochContext, epoch: int) -> dict:
                 log.info(f"epoch {epoch}/{ctx.epochs} step {step + 1}/{ctx.steps_per_epoch} loss {loss_value:.4f} "
                          f"lr {lr:.3e} {ips:.1f} img/s eta epoch {_fmt_time(eta_epoch)} total {_fmt_time(eta_total)}",
                          extra={"console": not show_bar})
-            if ctx.writer is not None:
-                x = int((epoch + (step + 1) / ctx.steps_per_epoch) * 1000)
-                ctx.writer.add_scalar("train_loss", loss_value, x)
-                ctx.writer.add_scalar("lr", lr, x)
+            engine.log_scalars(ctx.writer, {"train_loss": loss_value, "lr": lr},
+                               int((epoch + (step + 1) / ctx.steps_per_epoch) * 1000))
     finally:
         bar.close()
         del it
@@ -414,6 +400,13 @@ def _main(argv: list[str] | None) -> dict:
         cfg.seed = args.seed
     config_name = Path(args.config).stem
     plan = plan_from_config(cfg)
+    data_root = resolve_data_root(args.data_root)
+    cfg_dict = plain(cfg.to_dict())
+    run = RunDir(args.output_dir, "pretrain", {"config": cfg_dict, "config_name": config_name,
+                                                "data_root": str(data_root.resolve()), "backbone": args.backbone},
+                 config_text(cfg_dict), resume=args.resume or None)
+    if run.finished is not None:
+        return run.finished
 
     # --- everything below until the output dir is created only validates ------------------------
     rank, world, local_rank = init_distributed()
@@ -423,7 +416,7 @@ def _main(argv: list[str] | None) -> dict:
     model = build_model(cfg, plan)
 
     from .data import build_pretrain_dataset
-    folder = resolve_data_root(args.data_root) / cfg.data_subdir
+    folder = data_root / cfg.data_subdir
     dataset = build_pretrain_dataset(folder, cfg.input_size, subset=cfg.data_subset, verify=cfg.verify_images,
                                      pipeline=cfg.get("data_pipeline", "cpu"), decoder=cfg.get("decoder", "pil"),
                                      device=device)
@@ -436,31 +429,34 @@ def _main(argv: list[str] | None) -> dict:
     from .lr_sched import scaled_lr
     lr = float(cfg.lr) if cfg.lr is not None else scaled_lr(
         cfg.blr, effective, cfg.mask_ratio, plan.kept_mask_ratio, cfg.lr_scale_by_ratio)
-    if args.backbone and is_uri(args.backbone):
-        resolve_backbone(args.backbone)  # zoo: / hf:// / timm: / http(s)://, downloaded once into the cache
-    for flag, value in (("--resume", args.resume), ("--backbone", args.backbone)):
-        if value and not is_uri(value) and not Path(value).is_file():
-            raise UserError(f"{flag} {value}: checkpoint file not found")
+    if args.backbone:
+        if not is_uri(args.backbone) and not Path(args.backbone).is_file():
+            raise UserError(f"--backbone {args.backbone}: checkpoint file not found")
+        # zoo: / hf:// / timm: / http(s):// are downloaded once into the cache; read (and checked)
+        # before anything is written
+        _init_from_backbone(resolve_backbone(args.backbone), model)
 
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    run.start()
+    output_dir = run.out
     main_proc = is_main_process()
-    with run_logging(output_dir, main_proc):
-        return _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, world, accum,
-                    steps_per_epoch, lr, output_dir, main_proc)
+    try:
+        with run_logging(output_dir, main_proc):
+            return _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, world, accum,
+                        steps_per_epoch, lr, run, main_proc)
+    finally:
+        run.close()
 
 
 def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, world, accum, steps_per_epoch,
-         lr, output_dir, main_proc) -> dict:
-    """The training part of :func:`main` (inputs validated, output dir exists, logging routed)."""
+         lr, run, main_proc) -> dict:
+    """The training part of :func:`main` (inputs validated, output dir locked, logging routed)."""
     import timm.optim
     import torch.distributed as dist
 
     from .data import loader_generator, pretrain_batches
 
+    output_dir = run.out
     cfg_dict = plain(cfg.to_dict())
-    if main_proc:
-        atomic_write_text(config_text(cfg_dict), output_dir / "config.py")
     model.to(device)
     maybe_compile(model, cfg.get("compile", False))  # in place: state-dict keys unchanged
     ddp_model = model
@@ -479,10 +475,8 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
     ckpts = CheckpointManager(output_dir)
 
     # --- resume ----------------------------------------------------------------------------------
-    state = ckpts.load_latest(restore_rng=False)
-    source = ckpts.latest_path
-    if state is None and args.resume:
-        state, source = safe_torch_load(args.resume), Path(args.resume)
+    state = run.load_resume(required=("model", "optimizer", "epoch"))
+    source = run.resume_from
     history: list[dict] = []
     start_epoch = 0
     if state is not None:
@@ -491,10 +485,11 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
         history = [h for h in state.get("history", []) if h["epoch"] < start_epoch]
         changed = sorted(k for k in set(cfg_dict) | set(state.get("config", {}))
                          if cfg_dict.get(k) != state.get("config", {}).get(k))
+        ckpts.resumed(source, f"epoch {start_epoch - 1}")
         log.info(f"resumed from {source} (epoch {start_epoch - 1} finished)"
                  + (f"; config keys changed since: {', '.join(changed)}" if changed else ""))
     elif args.backbone:
-        _init_from_backbone(resolve_backbone(args.backbone), model)
+        log.info(f"initialised all {len(model.state_dict())} tensors from --backbone {args.backbone}")
 
     log.info(f"{cfg.model} ({plan.method}, {plan.arch}) {cfg.input_size}px p={cfg.mask_ratio} "
              f"γ={plan.kept_mask_ratio if plan.kept_mask_ratio is not None else cfg.mask_ratio} on {device} "
@@ -503,8 +498,6 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
              f"epochs {start_epoch}..{cfg.epochs - 1}; amp {cfg.amp if use_amp else 'off (fp32)'}")
 
     metrics_path = output_dir / "metrics.json"
-    if start_epoch < cfg.epochs and main_proc:
-        metrics_path.unlink(missing_ok=True)  # a stale result must not outlive a run that is continuing
 
     writer = None
     if main_proc and cfg.tensorboard and start_epoch < cfg.epochs:
@@ -521,15 +514,9 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
         collate_fn=getattr(dataset, "collate_fn", None))
     loader = pretrain_batches(loader, device)  # GPU pipeline: decode + augment on the device
 
-    if state is None:
-        last_good = f"none written yet in {output_dir}"
-    elif source == ckpts.latest_path:
-        last_good = f"{source} (epoch {start_epoch - 1})"
-    else:
-        last_good = f"none written yet in {output_dir} (resumed from {source}, epoch {start_epoch - 1})"
     ctx = EpochContext(ddp_model, loader, optimizer, scaler, device, autocast_dtype, steps_per_epoch, accum,
                        world, float(cfg.mask_ratio), plan.kept_mask_ratio, lr, float(cfg.min_lr),
-                       float(cfg.warmup_epochs), int(cfg.epochs), max(int(cfg.log_freq), 1), writer, last_good)
+                       float(cfg.warmup_epochs), int(cfg.epochs), max(int(cfg.log_freq), 1), writer, ckpts)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             sampler.set_epoch(epoch)
@@ -546,12 +533,13 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
             log.info(f"epoch {epoch} done: loss {stats['loss']:.5f} lr {stats['lr']:.3e} "
                      f"{stats['images_per_s']:.1f} img/s {stats['time_s']:.1f}s")
             final = epoch + 1 == cfg.epochs
-            if main_proc and (final or (epoch + 1) % max(int(cfg.save_freq), 1) == 0):
+            if final or (epoch + 1) % max(int(cfg.save_freq), 1) == 0:
                 snapshot = final or (cfg.snapshot_freq and (epoch + 1) % int(cfg.snapshot_freq) == 0)
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                          "scaler": scaler.state_dict(), "args": ns, "config": cfg_dict, "history": history}
-                path = ckpts.save(state, step=epoch, periodic=bool(snapshot))
-                ctx.last_good = f"{path} (epoch {epoch})"
+                ckpts.check_finite(state, f"epoch {epoch}")  # on every rank: unhealthy weights stop all of them
+                if main_proc:
+                    ckpts.save(state, step=epoch, periodic=bool(snapshot), label=f"epoch {epoch}")
             if main_proc:
                 atomic_write_text("".join(_json_line(h) for h in history), output_dir / "log.jsonl")
             if world > 1:
@@ -561,8 +549,9 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
             writer.close()
 
     metrics = _metrics(cfg, plan, config_name, args, history, ns, output_dir, device, world)
+    metrics.update(provenance(run.identity["data_root"], (), num_train=len(dataset), num_eval=0), predictions=None)
+    metrics = run.finish(metrics)
     if main_proc:
-        atomic_write_json(metrics, metrics_path)
         log.info(f"done: final loss {metrics['metrics']['loss']:.5f}; {metrics_path}")
     return metrics
 
@@ -601,7 +590,6 @@ def _init_from_backbone(path: Path, model) -> None:
                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(shape)} shape mismatches "
                         f"(e.g. {shape[:3]})")
     model.load_state_dict(sd, strict=True)
-    log.info(f"initialised all {len(own)} tensors from --backbone {path}")
 
 
 def _metrics(cfg, plan, config_name, args, history, ns, output_dir, device, world) -> dict:

@@ -1,23 +1,32 @@
 """Run plumbing shared by every command (pretraining and each transfer task).
 
-Run directory life cycle (task protocol of ``docs/CONTRACTS.md``): :func:`prepare_run` refuses an
-output dir that already holds a finished ``metrics.json`` (never overwritten silently), refuses to
-resume a run whose resolved config differs, and writes ``config.py``; a command trains with a
-:class:`crossmae.checkpoint.CheckpointManager`; :func:`finish_run` writes ``metrics.json`` last, so a
-failed run never leaves one.
+The run lifecycle (docs/CONTRACTS.md "Run lifecycle") is ONE implementation, :class:`RunDir`, used by
+``crossmae.pretrain``, ``transfer.coco`` (training and ``--eval-only``), ``transfer.ade20k``,
+``transfer.finetune`` / ``inat`` / ``places`` and ``transfer.linprobe``: read-only checks of the output
+folder (a finished ``metrics.json`` is final: same identity → its result, other identity → exit 2),
+validation of every input before anything is written, an exclusive ``fcntl`` lock on ``run.lock``
+for the whole run, resume only with the same identity, removal of stale temporary files,
+``config.py`` + ``run.json``, and ``metrics.json`` written last (:meth:`RunDir.finish`) with the
+provenance of :func:`provenance`. Training steps shared by the loops are :mod:`crossmae.engine`;
+healthy checkpoints are :class:`crossmae.checkpoint.CheckpointManager`'s.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import re
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from .utils import (REPO_ROOT, UserError, atomic_write_json, atomic_write_text, config_hash, is_main_process,
-                    load_config, sha256_file)
+                    load_config, safe_torch_load, sha256_file)
 
 
 def build_parser(prog: str, description: str, protocols: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
@@ -71,36 +80,290 @@ def resolve_config(args, preset_dir: str | Path):
     return cfg
 
 
-def prepare_run(cfg, output_dir: str | Path, resume: str | None) -> tuple[Path, Path | None]:
-    """Check and create the run folder; write the resolved ``config.py``.
+# --------------------------------------------------------------------------------------------------
+# the run lifecycle (one implementation for every command; docs/CONTRACTS.md "Run lifecycle")
+# --------------------------------------------------------------------------------------------------
+LOCK_NAME = "run.lock"
+RUN_RECORD = "run.json"
+#: Temporary files of :func:`crossmae.utils._atomic_write` (``.<name>.<random>.tmp``) and of the
+#: ADE20K overlays (``.<name>.tmp.png``): left behind only by a killed process.
+_STALE_TMP = re.compile(r"^\..+\.tmp(\.png)?$")
 
-    Returns ``(output_dir, checkpoint_to_resume_or_None)``.
+
+def identity_hash(identity: dict) -> str:
+    """SHA-256 (16 hex chars) of a run's identity (task, resolved config, inputs): two runs are the
+    same run exactly when their hashes agree."""
+    return config_hash(identity)
+
+
+def check_output_dir(output_dir: str | Path) -> Path:
+    """Refuse an ``--output-dir`` that cannot hold a run, WITHOUT creating it.
+
+    The folder (or, when it does not exist yet, its nearest existing ancestor) must be a writable
+    directory; writability is probed with a temporary file that is removed at once (``os.access`` is
+    not enough for root or on network file systems).
 
     Raises:
-        UserError: ``metrics.json`` already exists (a finished run); the folder holds a checkpoint of
-            a run with a different resolved config; ``--resume PATH`` does not exist.
+        UserError: the path is a file, lies under a file, or is not writable.
     """
-    out = Path(output_dir)
-    if (out / "metrics.json").exists():
-        raise UserError(f"{out / 'metrics.json'}: output dir holds a finished run; "
-                        f"choose a new --output-dir (results are never overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
-    text = cfg.pretty_text
-    ckpt = None
-    if resume not in (None, "auto"):
-        ckpt = Path(resume)
-        if not ckpt.is_file():
-            raise UserError(f"{ckpt}: --resume checkpoint not found")
-    elif (out / "checkpoint-latest.pth").exists():
-        ckpt = out / "checkpoint-latest.pth"
-    if ckpt is not None and (out / "config.py").exists():
-        old = (out / "config.py").read_text()
-        if old != text:
-            raise UserError(f"{out / 'config.py'}: the run being resumed used a different config; "
-                            f"use the same config or a new --output-dir")
-    if is_main_process():
-        atomic_write_text(text, out / "config.py")
-    return out, ckpt
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --output-dir exists and is not a folder")
+    anchor = out
+    while not anchor.exists():
+        if anchor.parent == anchor:
+            break
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise UserError(f"{out}: --output-dir lies under {anchor}, which is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=anchor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{out}: --output-dir is not writable ({anchor}: {exc.strerror or exc})") from None
+    return out
+
+
+def _identity_diff(old: dict, new: dict) -> str:
+    """The fields in which two run identities differ, e.g. ``config.seed, config.optim.lr, eval_only``."""
+    def flat(d, prefix=""):
+        res = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                res.update(flat(v, f"{prefix}{k}."))
+            else:
+                res[f"{prefix}{k}"] = v
+        return res
+    a, b = flat(json.loads(json.dumps(old, default=str))), flat(json.loads(json.dumps(new, default=str)))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    if not keys:
+        return "unknown fields"
+    return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+
+class RunDir:
+    """One run in its output folder, from the first check to the final ``metrics.json``.
+
+    Every command (``crossmae.pretrain``, ``transfer.coco`` incl. ``--eval-only``, ``transfer.ade20k``,
+    ``transfer.finetune``/``inat``/``places``, ``transfer.linprobe``) goes through these steps::
+
+        run = RunDir(args.output_dir, task, identity, config_text, resume=args.resume)
+        if run.finished is not None:        # same run already done: nothing is written
+            return run.finished
+        ... validate every input (nothing written) ...
+        run.start()                         # lock, clean stale temp files, resume check, config.py
+        try: ... train, write predictions ...; return run.finish(result)
+        finally: run.close()
+
+    ``identity`` is what makes two runs the same run: the resolved config and the command-level
+    inputs (backbone, data root, ``--eval-only``/``--weights``, …); its hash is stored in
+    ``run.json`` and in ``metrics.json`` (``run_hash``).
+
+    Raises (``UserError``, one line, exit 2):
+        at construction: the folder is a file / not writable; it holds a finished ``metrics.json`` of
+        another identity (or an unreadable one); ``--resume PATH`` does not exist.
+        in :meth:`start`: another live process holds ``run.lock`` (the message names its pid, host
+        and start time); the folder holds a checkpoint of a run with another identity.
+    """
+
+    def __init__(self, output_dir: str | Path, task: str, identity: dict, config_text: str,
+                 resume: str | None = None, main_process: bool | None = None):
+        self.out = check_output_dir(output_dir)
+        self.task = task
+        self.identity = {"task": task, **identity}
+        self.hash = identity_hash(self.identity)
+        self.config_text = config_text
+        if main_process is None:  # also right before init_distributed(): torchrun sets RANK
+            main_process = is_main_process() and int(os.environ.get("RANK", "0")) == 0
+        self.main = main_process
+        self._lock_fd: int | None = None
+        self._state = None
+        self.resume_from: Path | None = None
+        self.explicit_resume = None
+        if resume not in (None, "", "auto"):
+            self.explicit_resume = Path(resume)
+            if not self.explicit_resume.is_file():
+                raise UserError(f"--resume {self.explicit_resume}: checkpoint file not found")
+        self.finished = self._check_finished()
+
+    # --- phase 1: read-only checks -------------------------------------------------------------
+    def _check_finished(self) -> dict | None:
+        path = self.out / "metrics.json"
+        if not path.exists():
+            return None
+        try:
+            old = json.loads(path.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: output dir holds an unreadable metrics.json ({str(exc).splitlines()[0][:80]}); "
+                            f"results are never overwritten: choose a new --output-dir") from None
+        if old.get("run_hash") != self.hash:
+            rec = self._read_record()
+            what = _identity_diff(rec["identity"], self.identity) if rec else f"unknown, no {RUN_RECORD}"
+            raise UserError(f"{path}: output dir holds a finished run with another config (differs in: {what}); "
+                            f"results are never overwritten: choose a new --output-dir")
+        if self.main:
+            print(f"finished run: the result is in {path} (same config; nothing to do)", file=sys.stderr)
+        return old
+
+    def _read_record(self) -> dict | None:
+        try:
+            rec = json.loads((self.out / RUN_RECORD).read_text())
+            return rec if isinstance(rec, dict) and isinstance(rec.get("identity"), dict) else None
+        except (OSError, ValueError):
+            return None
+
+    # --- phase 2: take the folder ----------------------------------------------------------------
+    def start(self, required=("model",)) -> "RunDir":
+        """Create the folder, take its lock, re-check that no run finished meanwhile, remove stale
+        temporary files, decide what to resume from (and read it: a checkpoint without every key of
+        ``required`` is refused before anything is written) and write ``config.py`` + ``run.json``.
+        Call only after every input was validated. Returns ``self``."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.main:
+                self._lock()   # only acquired: the holder is written once every check passed
+                if self._check_finished() is not None:
+                    raise UserError(f"{self.out / 'metrics.json'}: the same run finished in another process "
+                                    f"while this one was validating its inputs; nothing to do")
+            self._check_resume()
+            self._state = self._read_state(required)
+        except UserError:
+            self.close()
+            raise
+        if self.main:
+            self._write_holder()
+            self._clean_stale()
+            atomic_write_text(self.config_text, self.out / "config.py")
+            atomic_write_json({"hash": self.hash, "identity": self.identity}, self.out / RUN_RECORD)
+        return self
+
+    def _check_resume(self) -> None:
+        latest = self.out / "checkpoint-latest.pth"
+        if latest.exists():
+            rec = self._read_record()
+            if rec is not None and rec.get("hash") != self.hash:
+                raise UserError(f"{latest}: the run being resumed used another config (differs in: "
+                                f"{_identity_diff(rec['identity'], self.identity)}); use the same config or a "
+                                f"new --output-dir")
+            if rec is None and (self.out / "config.py").exists() and \
+                    (self.out / "config.py").read_text() != self.config_text:
+                raise UserError(f"{self.out / 'config.py'}: the run being resumed used a different config; "
+                                f"use the same config or a new --output-dir")
+            self.resume_from = latest
+        elif self.explicit_resume is not None:
+            self.resume_from = self.explicit_resume
+
+    def _lock(self) -> None:
+        import fcntl
+        path = self.out / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            except ValueError:
+                holder = {}
+            os.close(fd)
+            raise UserError(f"{self.out}: output dir is in use by another run (pid {holder.get('pid', '?')} on "
+                            f"host {holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it "
+                            f"or choose another --output-dir") from None
+        self._lock_fd = fd
+
+    def _write_holder(self) -> None:
+        import socket
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "task": self.task}) + "\n"
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, info.encode(), 0)
+
+    def _clean_stale(self) -> None:
+        for p in self.out.rglob(".*"):
+            if p.is_file() and _STALE_TMP.match(p.name):
+                p.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the lock (the kernel also releases it when the process dies)."""
+        if self._lock_fd is not None:
+            import fcntl
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- resume ------------------------------------------------------------------------------
+    def load_resume(self, required=("model",)) -> dict | None:
+        """The training state to resume from (read once by :meth:`start`), or ``None`` for a fresh run.
+
+        Raises:
+            UserError: the file is not a dict holding every key of ``required``.
+        """
+        state, self._state = self._state, None
+        if state is None:
+            return self._read_state(required)
+        return self._check_state(state, required)
+
+    def _read_state(self, required) -> dict | None:
+        if self.resume_from is None:
+            return None
+        return self._check_state(safe_torch_load(self.resume_from), required)
+
+    def _check_state(self, state, required) -> dict:
+        if not isinstance(state, dict):
+            raise UserError(f"{self.resume_from}: not a training checkpoint (not a dict)")
+        for key in required:
+            if key not in state:
+                raise UserError(f"{self.resume_from}: not a training checkpoint (no {key!r} entry)")
+        return state
+
+    # --- end -----------------------------------------------------------------------------------
+    def rel(self, path: str | Path) -> str:
+        """``path`` relative to the run folder (for ``predictions``)."""
+        return str(Path(path).resolve().relative_to(self.out.resolve()))
+
+    def finish(self, result: dict) -> dict:
+        """Add ``run_hash`` (and ``code_version`` when absent) to ``result`` and write it as
+        ``metrics.json``, atomically and last (main process). A ``predictions`` entry must name a file
+        inside the run folder that exists. Returns the dict."""
+        result = dict(result)
+        result["run_hash"] = self.hash
+        result.setdefault("code_version", code_version())
+        pred = result.get("predictions")
+        if self.main and pred is not None and not (self.out / pred).is_file():
+            raise RuntimeError(f"predictions file {self.out / pred} was not written")
+        if self.main:
+            atomic_write_json(result, self.out / "metrics.json")
+        return result
+
+
+def provenance(data_root: str | Path, files=(), *, num_train: int, num_eval: int) -> dict:
+    """The provenance keys of ``metrics.json`` (CONTRACTS.md): ``data_root`` (absolute),
+    ``data_files`` ``{absolute path: sha256}`` of each annotation / list file read (folders and
+    missing paths are skipped), ``num_train_images``, ``num_eval_images``."""
+    out = {}
+    for f in files:
+        p = Path(f).resolve()
+        if p.is_file() and str(p) not in out:
+            out[str(p)] = sha256_file(p)
+    return {"data_root": str(Path(data_root).resolve()), "data_files": out,
+            "num_train_images": int(num_train), "num_eval_images": int(num_eval)}
+
+
+def prepare_run(cfg, output_dir: str | Path, resume: str | None, task: str = "run",
+                identity: dict | None = None) -> RunDir:
+    """A :class:`RunDir` for an mmengine ``cfg`` (identity = its resolved dict + ``identity``),
+    config text ``cfg.pretty_text``. The caller returns ``run.finished`` when it is not None, else
+    calls ``run.start()`` once its inputs are validated."""
+    ident = {"config": cfg.to_dict(), **(identity or {})}
+    return RunDir(output_dir, task, ident, cfg.pretty_text, resume=resume)
 
 
 def get_logger(out: Path, name: str) -> logging.Logger:
@@ -169,10 +432,11 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def finish_run(out: Path, *, task: str, protocol: str, metrics: dict, cfg, backbone: str, sha: str,
+def finish_run(run: "RunDir", *, task: str, protocol: str, metrics: dict, cfg, backbone: str, sha: str,
                report, epochs: int, wall_time_s: float, device: torch.device, extra: dict | None = None) -> dict:
-    """Assemble the metrics dict of CONTRACTS.md and write ``metrics.json`` atomically (main process).
-    Returns the dict."""
+    """Assemble the metrics dict of CONTRACTS.md and write ``metrics.json`` through
+    :meth:`RunDir.finish` (atomically, last, main process). ``extra`` carries the provenance keys
+    (:func:`provenance`) and ``predictions``. Returns the dict."""
     import torch.distributed as dist
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     res = {
@@ -185,9 +449,7 @@ def finish_run(out: Path, *, task: str, protocol: str, metrics: dict, cfg, backb
     }
     if extra:
         res.update(extra)
-    if is_main_process():
-        atomic_write_json(res, out / "metrics.json")
-    return res
+    return run.finish(res)
 
 
 class Timer:

@@ -46,16 +46,17 @@ def test_finetune_resume_equals_uninterrupted(tiny_crossmae_ckpt, data_root, tmp
         assert key in m
     assert m["epochs"] == 3 and set(m["metrics"]) >= {"top1", "top5"}
     assert (tmp_path / "full" / "config.py").exists() and list((tmp_path / "full" / "tb").iterdir())
-    # a finished run is never overwritten, and a resumed run must keep its config
-    with pytest.raises(SystemExit):
-        finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "full", *opts))
-    assert json.loads((tmp_path / "full" / "metrics.json").read_text()) == m
+    # a finished run is final (the same command returns its result, writing nothing), and a resumed
+    # run must keep its config
+    again = finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "full", *opts))
+    assert again == m and json.loads((tmp_path / "full" / "metrics.json").read_text()) == m
     monkeypatch.setattr(ft_protocol, "EPOCH_END_HOOK", stop)
     with pytest.raises(Preempted):
         finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "p2", *opts))
     monkeypatch.setattr(ft_protocol, "EPOCH_END_HOOK", None)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "p2", "epochs=4"))
+    assert exc.value.code == 2
 
 
 def test_inat_finetune_beats_chance(tiny_crossmae_ckpt, data_root, tmp_path):  # noqa: F811

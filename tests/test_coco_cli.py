@@ -61,8 +61,10 @@ def test_outputs_and_metrics(straight, tiny_mae_official):
 
 def test_resume_equals_uninterrupted(straight, tmp_path, data_root, tiny_mae_official):
     out_a, res_a = straight
-    out_b, _ = _run(tmp_path, "resumed", tiny_mae_official, data_root, iters=1)
-    out_b, res_b = _run(tmp_path, "resumed", tiny_mae_official, data_root, iters=2)   # resumes at iter 1
+    out_1, _ = _run(tmp_path, "one", tiny_mae_official, data_root, iters=1)
+    # a finished run is final: continue from its checkpoint in a new folder
+    out_b, res_b = _run(tmp_path, "resumed", tiny_mae_official, data_root,
+                        "--resume", str(out_1 / "checkpoint-latest.pth"), iters=2)   # resumes at iter 1
     assert "resumed from iteration 1" in (out_b / "log.txt").read_text()
     sa = torch.load(out_a / "checkpoint-latest.pth", weights_only=False)
     sb = torch.load(out_b / "checkpoint-latest.pth", weights_only=False)

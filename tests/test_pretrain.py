@@ -163,17 +163,19 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_root
     out = tmp_path / "run"
     run(out, data_root, "epochs=1")
     good = sha256_file(out / LATEST)
-    (out / "metrics.json").unlink()
+    finished = (out / "metrics.json").read_bytes()
+    ext = tmp_path / "extended"
     with pytest.raises(SystemExit) as exc:
-        # extending the run with an absurd lr: epoch 1's first step blows the weights up
-        run(out, data_root, "epochs=2", "lr=1e30", "warmup_epochs=0")
+        # extending the run (in a new folder, from its checkpoint) with an absurd lr: epoch 1's first
+        # step blows the weights up
+        run(ext, data_root, "epochs=2", "lr=1e30", "warmup_epochs=0", extra=["--resume", str(out / LATEST)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: epoch 1 step 1: loss is ")
-    assert "last good checkpoint kept" in err[0] and "epoch 0" in err[0]
-    assert sha256_file(out / LATEST) == good
+    assert "last good checkpoint kept" in err[0] and "epoch 0" in err[0] and str(out / LATEST) in err[0]
+    assert sha256_file(out / LATEST) == good and (out / "metrics.json").read_bytes() == finished
     assert safe_torch_load(out / LATEST)["epoch"] == 0
-    assert not (out / "metrics.json").exists()
+    assert not (ext / LATEST).exists() and not (ext / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("workers", [0, 1])

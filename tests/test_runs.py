@@ -39,17 +39,26 @@ def test_default_config_for_a_size_without_paper_preset_says_so(tiny_mae_officia
 
 def test_finished_run_is_never_overwritten_and_changed_config_never_resumed(tmp_path):
     cfg = load_config("smoke", [], REPO_ROOT / "configs" / "ade20k")
-    out, ckpt = prepare_run(cfg, tmp_path / "run", None)
-    assert ckpt is None and (out / "config.py").read_text() == cfg.pretty_text
-    (out / "checkpoint-latest.pth").write_bytes(b"x")
+    run = prepare_run(cfg, tmp_path / "run", None, "ade20k")
+    assert run.finished is None and not (tmp_path / "run").exists()   # nothing written before start()
+    out = run.start().out
+    assert run.resume_from is None and (out / "config.py").read_text() == cfg.pretty_text
+    run.close()
+    import torch
+    torch.save({"model": {}, "epoch": 0}, out / "checkpoint-latest.pth")
     other = load_config("smoke", ["seed=123"], REPO_ROOT / "configs" / "ade20k")
-    with pytest.raises(UserError, match="different config"):
-        prepare_run(other, out, None)
-    assert prepare_run(cfg, out, None)[1] == out / "checkpoint-latest.pth"
-    atomic_write_json({"metrics": {"mIoU": 1.0}}, out / "metrics.json")
-    with pytest.raises(UserError, match="finished run"):
-        prepare_run(cfg, out, None)
-    assert json.loads((out / "metrics.json").read_text()) == {"metrics": {"mIoU": 1.0}}
+    with pytest.raises(UserError, match=r"another config \(differs in: config\.seed\)"):
+        prepare_run(other, out, None, "ade20k").start()
+    again = prepare_run(cfg, out, None, "ade20k").start()
+    assert again.resume_from == out / "checkpoint-latest.pth" and again.load_resume() == {"model": {}, "epoch": 0}
+    again.finish({"metrics": {"mIoU": 1.0}})
+    again.close()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["metrics"] == {"mIoU": 1.0} and saved["run_hash"] == again.hash
+    assert prepare_run(cfg, out, None, "ade20k").finished == saved
+    with pytest.raises(UserError, match="finished run with another config"):
+        prepare_run(other, out, None, "ade20k")
+    assert json.loads((out / "metrics.json").read_text()) == saved
 
 
 def test_metrics_json_is_strict_json(tmp_path):

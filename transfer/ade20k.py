@@ -26,11 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from crossmae import engine
 from crossmae.checkpoint import CheckpointManager, unwrap
 from crossmae.utils import (REPO_ROOT, UserError, atomic_write_json, cli_entry, config_hash, default_device,
                             init_distributed, is_main_process, resolve_data_root, seed_everything, seed_worker)
 from crossmae.runs import (build_parser as _common_parser, close_logger, code_version, device_name,
-                           get_logger, prepare_run, report_dict, resolve_config, tb_writer)
+                           get_logger, prepare_run, provenance, report_dict, resolve_config, tb_writer)
 from transfer.seg.data import (IGNORE_INDEX, PositionBatchSampler, SegTestDataset, SegTrainDataset, load_pair,
                                overlay, read_class_names, resize_pair, to_tensor)
 from transfer.seg.metrics import ConfusionMatrix
@@ -151,10 +152,27 @@ def predict(model: UperNet, imgs: list[torch.Tensor], out_size: tuple[int, int],
     return (acc / n)[0].argmax(0)
 
 
+def image_counts(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
+                 ignore_index: int = IGNORE_INDEX) -> tuple[list[int], list[int], list[int]]:
+    """Per-class pixel counts of one image (mmseg ``intersect_and_union``): ``(intersect, union,
+    label)``, each a list of ``num_classes`` ints; pixels labelled ``ignore_index`` are dropped.
+    ``pred``/``label``: integer tensors of the same shape (H, W)."""
+    keep = label != ignore_index
+    p, t = pred[keep].long().cpu(), label[keep].long().cpu()
+    inter = torch.bincount(t[p == t], minlength=num_classes)
+    area_p = torch.bincount(p, minlength=num_classes)
+    area_t = torch.bincount(t, minlength=num_classes)
+    return inter.tolist(), (area_p + area_t - inter).tolist(), area_t.tolist()
+
+
 def evaluate(model: UperNet, dataset: SegTestDataset, cfg, class_names: list[str], amp_dtype=None,
              overlay_dir: Path | None = None, log=None) -> dict:
     """mIoU / mAcc / aAcc over ``dataset`` (sharded over DDP ranks, confusion matrices summed) and
-    coloured overlays of the first ``test.num_overlays`` images of rank 0 in ``overlay_dir``."""
+    coloured overlays of the first ``test.num_overlays`` images of rank 0 in ``overlay_dir``.
+
+    The result also holds ``per_image``: the ``segmentation/v1`` predictions of CONTRACTS.md
+    (file names and per-image per-class intersect / union / label pixel counts, in dataset order;
+    gathered from every rank)."""
     from PIL import Image
     model.eval()
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -165,12 +183,15 @@ def evaluate(model: UperNet, dataset: SegTestDataset, cfg, class_names: list[str
     n_over = int(cfg.test.get("num_overlays", 0) or 0)
     written = 0
     t0 = time.time()
+    rows = []
     for i in range(rank, num, world):
         s = dataset.samples[i]
         img, label = load_pair(s, dataset.num_classes, dataset.reduce_zero_label)
         imgs = [to_tensor(resize_pair(img, None, sc)[0]) for sc in scales]
         pred = predict(model, imgs, label.shape, cfg, amp_dtype)
-        cm.update(pred.cpu(), torch.from_numpy(label))
+        lab = torch.from_numpy(label)
+        cm.update(pred.cpu(), lab)
+        rows.append((i, s.image.name, *image_counts(pred.cpu(), lab, cfg.model.num_classes)))
         if overlay_dir is not None and rank == 0 and written < n_over:
             overlay_dir.mkdir(parents=True, exist_ok=True)
             path = overlay_dir / f"{s.image.stem}.png"
@@ -179,7 +200,15 @@ def evaluate(model: UperNet, dataset: SegTestDataset, cfg, class_names: list[str
             os.replace(tmp, path)
             written += 1
     cm.all_reduce()
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, rows)
+        rows = [r for part in parts for r in part]
+    rows.sort(key=lambda r: r[0])
     res = cm.compute()
+    res["per_image"] = {"format": "segmentation/v1", "num_classes": int(cfg.model.num_classes),
+                        "images": [r[1] for r in rows], "intersect": [r[2] for r in rows],
+                        "union": [r[3] for r in rows], "label": [r[4] for r in rows]}
     if log is not None:
         log.info(f"eval: {num} images, {len(scales)} scale(s){' + flip' if cfg.test.get('flip') else ''}, "
                  f"{time.time() - t0:.1f}s: mIoU {res['mIoU']:.2f} mAcc {res['mAcc']:.2f} aAcc {res['aAcc']:.2f}")
@@ -205,10 +234,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--stop-after {args.stop_after}: expected a positive number of iterations")
     cfg = resolve_config(args, PRESET_DIR)
     _check_config(cfg)
+    data_root = resolve_data_root(args.data_root)
+    run = prepare_run(cfg, args.output_dir, args.resume, TASK,
+                      {"backbone": args.backbone, "data_root": str(data_root.resolve())})
+    if run.finished is not None:
+        return run.finished
     rank, world, _ = init_distributed()
     device = default_device()
     seed_everything(int(cfg.seed) + rank)
-    data_root = resolve_data_root(args.data_root)
     root = data_root / cfg.data.dataset
     if not root.is_dir():
         raise UserError(f"{root}: dataset folder not found (data root {data_root}, config data.dataset)")
@@ -219,14 +252,22 @@ def main(argv: list[str] | None = None) -> dict:
                                d.reduce_zero_label)
     val_ds = SegTestDataset(root, d.val_split, cfg.model.num_classes, tuple(d.scale), d.reduce_zero_label)
 
-    out, resume_from = prepare_run(cfg, args.output_dir, args.resume)
+    if int(cfg.train.batch_size) % world:
+        raise UserError(f"config: train.batch_size {cfg.train.batch_size} is not divisible by the "
+                        f"{world} processes")
+    run.model, run.report = build_model(cfg), None  # the backbone is read before anything is written
+    if str(args.backbone).lower() != "none":
+        run.report = load_backbone_weights(run.model, args.backbone, cfg)
+    run.start()
+    out = run.out
     log = get_logger(out, TASK)
     if not is_main_process():
         log.setLevel(logging.WARNING)  # one copy of the log on the console
     try:
-        return _run(args, cfg, out, resume_from, log, train_ds, val_ds, class_names, device, rank, world)
+        return _run(args, cfg, out, run, log, train_ds, val_ds, class_names, device, rank, world, data_root, root)
     finally:
         close_logger(log)
+        run.close()
 
 
 def _check_config(cfg) -> None:
@@ -245,36 +286,30 @@ def _check_config(cfg) -> None:
         raise UserError("config: train.batch_size and schedule.max_iters must be >= 1")
 
 
-def _run(args, cfg, out: Path, resume_from, log, train_ds, val_ds, class_names, device, rank, world) -> dict:
+def _run(args, cfg, out: Path, run, log, train_ds, val_ds, class_names, device, rank, world, data_root,
+         root) -> dict:
     t_start = time.time()
-    if int(cfg.train.batch_size) % world:
-        raise UserError(f"config: train.batch_size {cfg.train.batch_size} is not divisible by the "
-                        f"{world} processes")
     bs = int(cfg.train.batch_size) // world
-    model = build_model(cfg)
-    report = None
-    if str(args.backbone).lower() != "none":
-        report = load_backbone_weights(model, args.backbone, cfg)
-        log.info(report.summary())
-    else:
-        log.info("backbone: none (random initialisation)")
+    model, report = run.model, run.report
+    log.info("backbone: none (random initialisation)" if report is None else report.summary())
     model.to(device)
     optimizer = build_optimizer(model, cfg)
     ckpt = CheckpointManager(out, keep=int(cfg.train.get("keep_checkpoints", 0) or 0))
     start_iter, prev_wall = 0, 0.0
-    if resume_from is not None:
-        from crossmae.utils import safe_torch_load
+    state = run.load_resume(required=("model", "optimizer", "iter"))
+    if state is not None:
         from crossmae.checkpoint import set_rng_state
-        state = safe_torch_load(resume_from)
-        if not isinstance(state, dict) or "model" not in state:
-            raise UserError(f"{resume_from}: not a training checkpoint (no 'model' entry)")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"{run.resume_from}: does not match this config ({str(exc).splitlines()[0][:200]})")
         start_iter = int(state["iter"])
         prev_wall = float(state.get("wall_time_s", 0.0))
         if "rng" in state and world == 1:
             set_rng_state(state["rng"])
-        log.info(f"resumed from {resume_from} at iteration {start_iter}")
+        ckpt.resumed(run.resume_from, f"iteration {start_iter}")
+        log.info(f"resumed from {run.resume_from} at iteration {start_iter}")
     if world > 1:
         if device.type == "cuda":  # BN -> SyncBN as mmseg's SyncBN (torch's SyncBN has no CPU kernel)
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -307,16 +342,12 @@ def _run(args, cfg, out: Path, resume_from, log, train_ds, val_ds, class_names, 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             factor = lr_factor(it, int(s.warmup_iters), float(s.warmup_start_factor), max_iters, float(s.power))
             set_group_lrs(optimizer, base_lr, factor)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with engine.autocast(device, amp_dtype):
                 losses = model(x, y)
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss {loss.item()} at iteration {it}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.get("grad_clip"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.train.grad_clip))
-            optimizer.step()
+            engine.loss_value(losses["loss"], ckpt, f"iteration {it}", world, lambda: f"lr {base_lr * factor:.3g}")
+            engine.backward(losses["loss"])
+            clip = cfg.train.get("grad_clip")
+            engine.optimizer_step(optimizer, None, float(clip) if clip else None, model.parameters())
             it += 1
             if it % int(cfg.train.log_interval) == 0 or it == stop:
                 dt = (time.time() - t_log) / max(it - it_log, 1)
@@ -324,16 +355,15 @@ def _run(args, cfg, out: Path, resume_from, log, train_ds, val_ds, class_names, 
                 vals = {k: float(v.detach()) for k, v in losses.items()}
                 log.info(f"iter {it}/{max_iters} loss {vals['loss']:.4f} (ce {vals['loss_ce']:.4f}, aux "
                          f"{vals['aux.loss_ce']:.4f}) lr {base_lr * factor:.3e} {dt:.2f}s/it")
-                if tb is not None:
-                    for k, v in vals.items():
-                        tb.add_scalar(f"train/{k}", v, it)
-                    tb.add_scalar("train/lr", base_lr * factor, it)
-            if it % int(cfg.train.checkpoint_interval) == 0 or it == stop:
+                engine.log_scalars(tb, {**vals, "lr": base_lr * factor}, it, "train/")
+            if engine.due(it, int(cfg.train.checkpoint_interval), it == stop):
+                state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                         "iter": it, "epoch": 0, "wall_time_s": prev_wall + time.time() - t_start,
+                         "config_hash": config_hash(cfg.to_dict())}
+                ckpt.check_finite(state, f"iteration {it}")  # every rank: all stop together
                 if is_main_process():
-                    ckpt.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                               "iter": it, "epoch": 0, "wall_time_s": prev_wall + time.time() - t_start,
-                               "config_hash": config_hash(cfg.to_dict())},
-                              step=it, periodic=it % int(cfg.train.checkpoint_interval) == 0)
+                    ckpt.save(state, step=it, periodic=it % int(cfg.train.checkpoint_interval) == 0,
+                              label=f"iteration {it}")
                 if world > 1:
                     dist.barrier()
             vi = int(cfg.train.get("val_interval") or 0)
@@ -351,7 +381,11 @@ def _run(args, cfg, out: Path, resume_from, log, train_ds, val_ds, class_names, 
             tb.close()
         return {"stopped_at": stop}
 
+    ckpt.check_finite({"model": unwrap(model).state_dict()}, f"iteration {max_iters}")
     res = evaluate(unwrap(model), val_ds, cfg, class_names, amp_dtype, out / "overlays", log)
+    per_image = res.pop("per_image")
+    if is_main_process():
+        atomic_write_json(per_image, out / "predictions.json")
     if tb is not None:
         for k in ("mIoU", "mAcc", "aAcc"):
             tb.add_scalar(f"val/{k}", res[k], max_iters)
@@ -364,12 +398,14 @@ def _run(args, cfg, out: Path, resume_from, log, train_ds, val_ds, class_names, 
         "backbone_sha256": None if report is None else report.sha256,
         "backbone_report": None if report is None else report_dict(report),
         "config_hash": config_hash(cfg.to_dict()), "seed": int(cfg.seed), "iters": max_iters,
-        "num_val_images": len(val_ds) if cfg.test.get("max_images") is None else min(len(val_ds), int(cfg.test.max_images)),
+        "num_val_images": len(per_image["images"]),
         "wall_time_s": prev_wall + time.time() - t_start, "device": device_name(device),
         "num_gpus": world if device.type == "cuda" else 0, "code_version": code_version(),
+        **provenance(data_root, sorted(root.glob("objectInfo*.txt")), num_train=len(train_ds),
+                     num_eval=len(per_image["images"])),
+        "predictions": "predictions.json",
     }
-    if is_main_process():
-        atomic_write_json(_json_safe(result), out / "metrics.json")
+    result = run.finish(_json_safe(result))
     log.info(f"metrics: mIoU {res['mIoU']:.2f} mAcc {res['mAcc']:.2f} aAcc {res['aAcc']:.2f} -> {out / 'metrics.json'}")
     return result
 

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
+from crossmae import engine
 from crossmae.checkpoint import CheckpointManager, unwrap
 from crossmae.utils import (REPO_ROOT, UserError, atomic_save, atomic_write_json, atomic_write_text, cli_entry,
                             config_hash, init_distributed, is_main_process, load_config, resolve_data_root,
                             safe_torch_load, seed_everything, seed_worker, sha256_file)
-from crossmae.runs import close_logger, code_version, default_preset, get_logger
+from crossmae.runs import RunDir, close_logger, code_version, default_preset, get_logger, provenance
 
 TASK = "coco"
 PRESET_DIR = REPO_ROOT / "configs" / "coco"
@@ -182,69 +183,79 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{world} devices x train.batch_size_per_device={per_device}")
     accum = tc.total_batch_size // (world * per_device)
 
+    data_root = resolve_data_root(args.data_root)
+    identity = {"config": cfg.to_dict(), "seed": args.seed, "eval_only": bool(args.eval_only),
+                "weights": args.weights if args.eval_only else None,
+                "backbone": None if args.eval_only else args.backbone, "data_root": str(data_root.resolve())}
+    run = RunDir(args.output_dir, TASK, identity, cfg.pretty_text, resume=args.resume)
+    if run.finished is not None:
+        return run.finished
+
     # data first: bad input fails before anything is written
     from transfer.vitdet.data import TrainingStream, build_dataset, collate
-    data_root = resolve_data_root(args.data_root)
     val_set = build_dataset(data_root, cfg.data.to_dict(), "val")
     train_set = None if args.eval_only else build_dataset(data_root, cfg.data.to_dict(), "train")
-    if args.backbone not in (None, "none"):
+    if args.backbone not in (None, "none") and not args.eval_only:
         from crossmae.zoo import resolve_backbone
         resolve_backbone(args.backbone)
+    # the detector and its pretrained backbone are built before anything is written (bad checkpoint:
+    # one line, empty folder); a resumed run overwrites the weights from its checkpoint
+    from transfer.vitdet.backbone import load_pretrained_backbone
+    from transfer.vitdet.model import build_model
+    seed_everything(args.seed + rank)
+    mc = cfg.model.to_dict()
+    run.model, run.report = build_model(mc), None
+    if args.eval_only:
+        load_detector_weights(run.model, args.weights)
+    elif args.backbone != "none":
+        run.report = load_pretrained_backbone(run.model.backbone.net, args.backbone, mc["pretrain_img_size"],
+                                              mc["arch"])
 
-    out = Path(args.output_dir)
-    main_proc = is_main_process()
-    if main_proc:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cfg.pretty_text, out / "config.py")
+    run.start()
+    out = run.out
     log = get_logger(out, TASK)
     try:
         return _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_set, TrainingStream,
-                    collate, rank)
+                    collate, rank, run, data_root)
     finally:
         close_logger(log)
+        run.close()
 
 
-def _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_set, TrainingStream, collate, rank):
+def _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_set, TrainingStream, collate, rank,
+         run, data_root):
     from torch.utils.data import BatchSampler, DataLoader
 
-    from transfer.vitdet.backbone import load_pretrained_backbone
-    from transfer.vitdet.model import build_model
     from crossmae.lr_sched import set_group_lrs
     from transfer.vitdet.optim import build_optimizer, lr_factor
 
     tc, mc = cfg.train, cfg.model.to_dict()
-    seed_everything(args.seed + rank)
     t_start = time.time()
-    model = build_model(mc).to(device)
+    model = run.model.to(device)
     log.info(f"ViTDet Mask R-CNN ({cfg.protocol}): {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
              f"parameters, device {device}, {world} process(es), accumulation {accum}")
     metrics_common = {"task": TASK, "protocol": cfg.protocol, "seed": args.seed, "config_hash": config_hash(cfg.to_dict()),
                       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                       "num_gpus": world if device.type == "cuda" else 0, "code_version": code_version()}
 
+    files = [val_set.ann_file] + ([] if train_set is None else [train_set.ann_file])
+    metrics_common.update(provenance(data_root, files, num_train=0 if train_set is None else len(train_set),
+                                     num_eval=len(val_set)),
+                          eval_image_ids=[int(im["id"]) for im in val_set.images],
+                          predictions="inference/coco_instances_results.json")
     if args.eval_only:
-        load_detector_weights(model, args.weights)
         metrics, per_cat = evaluate(model, val_set, device, cfg, out, "", log)
         result = {**metrics_common, "metrics": metrics, "per_category": per_cat, "backbone": args.backbone,
                   "backbone_sha256": None, "backbone_report": None, "weights": str(args.weights),
                   "weights_sha256": sha256_file(args.weights), "iters": 0,
-                  "wall_time_s": round(time.time() - t_start, 2),
-                  "predictions": str(out / "inference" / "coco_instances_results.json")}
-        if rank == 0:
-            atomic_write_json(result, out / "metrics.json")
-        return result
+                  "wall_time_s": round(time.time() - t_start, 2)}
+        return run.finish(result)
 
-    ckpt = CheckpointManager(out, keep=tc.keep_checkpoints) if rank == 0 else None
-    state = None
-    if args.resume:
-        state = safe_torch_load(args.resume)
-        if not isinstance(state, dict) or "model" not in state:
-            raise UserError(f"{args.resume}: not a training checkpoint (no 'model' entry)")
+    ckpt = CheckpointManager(out, keep=tc.keep_checkpoints)
+    state = run.load_resume(required=("model", "optimizer", "iter"))
+    if state is not None and "rng" in state:
         from crossmae.checkpoint import set_rng_state
-        if "rng" in state:
-            set_rng_state(state["rng"])
-    elif (out / "checkpoint-latest.pth").exists():
-        state = CheckpointManager(out).load_latest()
+        set_rng_state(state["rng"])
 
     optimizer = build_optimizer(model, cfg.optim.to_dict(), num_layers=mc["depth"])
     start_iter, elapsed_prev = 0, 0.0
@@ -253,9 +264,10 @@ def _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_s
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"{args.resume or out / 'checkpoint-latest.pth'}: does not match this config "
+            raise UserError(f"{run.resume_from}: does not match this config "
                             f"({str(exc).splitlines()[0][:200]})")
         start_iter = int(state["iter"])
+        ckpt.resumed(run.resume_from, f"iteration {start_iter}")
         elapsed_prev = float(state.get("wall_time_s", 0.0))
         report_dict = state.get("backbone_report")
         log.info(f"resumed from iteration {start_iter}")
@@ -263,7 +275,7 @@ def _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_s
         report_dict = None
         log.info("backbone: random initialisation (--backbone none)")
     else:
-        report = load_pretrained_backbone(model.backbone.net, args.backbone, mc["pretrain_img_size"], mc["arch"])
+        report = run.report
         report_dict = report.to_dict()
         log.info(report.summary())
 
@@ -309,23 +321,16 @@ def _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_s
                 batch = next(data_iter)
                 _check_batch(batch)
                 images, targets = zip(*[_to_device(b, device) for b in batch])
-                sync = contextlib.nullcontext() if (world == 1 or a == accum - 1) else train_model.no_sync()
-                with sync:
+                with engine.no_sync(train_model, a == accum - 1):
                     with _amp(device, tc):
                         losses = train_model(list(images), list(targets))
                     loss = sum(losses.values())
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss became {loss.item()} at iteration {it}: "
-                                                 + ", ".join(f"{k}={v.item():.3g}" for k, v in losses.items()))
-                    (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+                    engine.loss_value(loss, ckpt, f"iteration {it}", world, detail=lambda: ", ".join(
+                        f"{k}={v.item():.3g}" for k, v in losses.items()))
+                    engine.backward(loss, accum, scaler)
                 for k, v in losses.items():
                     sums[k] += v.item() / accum
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            engine.optimizer_step(optimizer, scaler)
             it += 1
             sums["total_loss"] = sum(sums[k] for k in LOSS_NAMES)
             history.append({"iter": it, **sums, "lr": cfg.optim.lr * factor})
@@ -333,16 +338,15 @@ def _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_s
                 dt = (time.time() - t_iter) / max(1, len(history))
                 log.info(f"iter {it}/{max_iter}  " + "  ".join(f"{k}={v:.4f}" for k, v in sums.items())
                          + f"  lr={cfg.optim.lr * factor:.3e}  {dt:.2f}s/it")
-                for k, v in sums.items():
-                    tb.add_scalar(f"train/{k}", v, it)
-                tb.add_scalar("train/lr", cfg.optim.lr * factor, it)
-            if it % tc.checkpoint_period == 0 or it == max_iter:
+                engine.log_scalars(tb, {**sums, "lr": cfg.optim.lr * factor}, it, "train/")
+            if engine.due(it, tc.checkpoint_period, it == max_iter):
+                state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict() if scaler else None, "iter": it, "epoch": it,
+                         "backbone_report": report_dict, "config_hash": metrics_common["config_hash"],
+                         "wall_time_s": elapsed_prev + time.time() - t_start}
+                ckpt.check_finite(state, f"iteration {it}")  # every rank: all stop together
                 if rank == 0:
-                    ckpt.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict() if scaler else None, "iter": it, "epoch": it,
-                               "backbone_report": report_dict, "config_hash": metrics_common["config_hash"],
-                               "wall_time_s": elapsed_prev + time.time() - t_start},
-                              step=it, periodic=it % tc.checkpoint_period == 0)
+                    ckpt.save(state, step=it, periodic=it % tc.checkpoint_period == 0, label=f"iteration {it}")
             if tc.eval_period and it % tc.eval_period == 0 and it != max_iter:
                 m, _ = evaluate(train_model, val_set, device, cfg, out, f"_{it}", log)
                 if rank == 0:
@@ -352,18 +356,17 @@ def _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_s
     finally:
         if tb is not None:
             tb.close()
+    final = {"model": unwrap(model).state_dict(), "iter": it}
+    ckpt.check_finite(final, f"iteration {it}")
     if rank == 0:
-        atomic_save({"model": unwrap(model).state_dict(), "iter": it}, out / "model_final.pth")
+        atomic_save(final, out / "model_final.pth")
     last_metrics, last_per_cat = evaluate(train_model, val_set, device, cfg, out, "", log)
     result = {**metrics_common, "metrics": last_metrics, "per_category": last_per_cat,
               "backbone": None if args.backbone == "none" else str(args.backbone),
               "backbone_sha256": (report_dict or {}).get("sha256"), "backbone_report": report_dict,
               "iters": it, "wall_time_s": round(elapsed_prev + time.time() - t_start, 2),
-              "train_losses": history[-1] if history else None,
-              "predictions": str(out / "inference" / "coco_instances_results.json")}
-    if rank == 0:
-        atomic_write_json(result, out / "metrics.json")
-    return result
+              "train_losses": history[-1] if history else None}
+    return run.finish(result)
 
 
 if __name__ == "__main__":

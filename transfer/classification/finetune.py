@@ -113,32 +113,42 @@ def build_criterion(cfg, mixup) -> nn.Module:
 
 
 def run_finetune(args, cfg, task: str = "finetune") -> dict:
-    """Run (or resume) the fine-tuning protocol described by ``cfg`` in ``args.output_dir``.
+    """Run (or resume) the fine-tuning protocol described by ``cfg`` in ``args.output_dir``, through
+    the run lifecycle of :class:`crossmae.runs.RunDir` (a finished run with the same config returns
+    its metrics and writes nothing).
 
     Returns the metrics dict (also written to ``metrics.json``). Metrics: ``top1``, ``top5`` (%, final
     epoch, val split, Resize+CenterCrop), ``top1_best`` (best evaluated epoch, MAE's "Max accuracy").
     """
+    data_root = resolve_data_root(args.data_root)
+    run = C.prepare_run(cfg, args.output_dir, args.resume, task,
+                        {"protocol": "finetune", "backbone": args.backbone, "data_root": str(data_root.resolve())})
+    if run.finished is not None:
+        return run.finished
     rank, world, _ = init_distributed()
     device = C.get_device()
-    out, ckpt_path = C.prepare_run(cfg, args.output_dir, args.resume)
-    log = C.get_logger(out, task)
+    # every input is read before anything is written
+    seed_everything(cfg.seed + rank, cfg.get("deterministic", False))
+    train_data, val_data = load_train_val(cfg.data, data_root)
+    model, report = build_finetune_model(args.backbone, cfg, train_data.num_classes)
+    per_gpu, lr = C.effective_lr(cfg, world)
+    run.start()
+    log = C.get_logger(run.out, task)
     try:
-        return _run(args, cfg, task, out, ckpt_path, log, rank, world, device)
+        return _run(args, cfg, task, run, log, rank, world, device, data_root, train_data, val_data, model, report,
+                    per_gpu, lr)
     finally:
         C.close_logger(log)
+        run.close()
 
 
-def _run(args, cfg, task, out, ckpt_path, log, rank, world, device):
-    seed_everything(cfg.seed + rank, cfg.get("deterministic", False))
-    data_root = resolve_data_root(args.data_root)
-    train_data, val_data = load_train_val(cfg.data, data_root)
+def _run(args, cfg, task, run, log, rank, world, device, data_root, train_data, val_data, model, report, per_gpu, lr):
+    out = run.out
     num_classes = train_data.num_classes
     train_ds = ImageDataset(train_data, finetune_train_transform(dict(cfg.aug, input_size=cfg.input_size)))
     val_ds = ImageDataset(val_data, eval_transform(cfg.input_size))
-    model, report = build_finetune_model(args.backbone, cfg, num_classes)
     model.to(device)
     maybe_compile(model, cfg.get("compile", False))  # in place: state-dict keys unchanged
-    per_gpu, lr = C.effective_lr(cfg, world)
     optimizer = build_optimizer(model, cfg, lr)
     mixup = build_mixup(cfg, num_classes)
     criterion = build_criterion(cfg, mixup)
@@ -154,7 +164,7 @@ def _run(args, cfg, task, out, ckpt_path, log, rank, world, device):
     sampler, train_loader, val_loader = C.make_loaders(cfg, train_ds, val_ds, per_gpu, rank, world)
 
     ckpt = CheckpointManager(out, keep=cfg.get("keep_checkpoints", 1))
-    start_epoch, history, prev_time = C.resume_state(ckpt_path, {"model": model}, optimizer, log)
+    start_epoch, history, prev_time, _ = C.resume_state(run, ckpt, {"model": model}, optimizer, log)
     timer = C.Timer(prev_time)
     tb = C.tb_writer(out)
 
@@ -165,22 +175,28 @@ def _run(args, cfg, task, out, ckpt_path, log, rank, world, device):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             return criterion(ddp_model(x), y)
 
+    rows: list = []
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         ddp_model.train()
         rec = C.train_one_epoch(epoch, cfg=cfg, loader=train_loader, optimizer=optimizer, lr=lr, loss_fn=loss_fn,
-                                params=model.parameters())
+                                params=model.parameters(), ckpt=ckpt)
         if C.eval_due(cfg, epoch):
-            rec.update(C.evaluate(model, val_loader, device, amp))
+            last = epoch + 1 == cfg.epochs
+            rec.update(C.evaluate(model, val_loader, device, amp, collect=rows if last else None))
         history.append(rec)
         C.epoch_end(rec, log=log, tb=tb, task=task, ckpt=ckpt, history=history, timer=timer, hook=EPOCH_END_HOOK,
                     state={"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()},
                     periodic=bool(cfg.get("save_interval")) and (epoch + 1) % cfg.save_interval == 0)
     if tb is not None:
         tb.close()
+    if not rows:  # resumed after the last epoch's checkpoint: predict once more with the final weights
+        C.evaluate(model, val_loader, device, amp, collect=rows)
     metrics = C.final_metrics(history)
     log.info(f"final: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}")
-    return C.finish_run(out, task=task, protocol="finetune", metrics=metrics, cfg=cfg, backbone=args.backbone,
+    pred = C.write_predictions(run, rows, val_data, data_root)
+    return C.finish_run(run, task=task, protocol="finetune", metrics=metrics, cfg=cfg, backbone=args.backbone,
                         sha=sha, report=report, epochs=cfg.epochs, wall_time_s=timer.elapsed, device=device,
                         extra={"history": history, "selection_split": "none (final epoch on val)",
-                               "num_classes": num_classes, "dataset": dict(cfg.data)})
+                               "num_classes": num_classes, "dataset": dict(cfg.data),
+                               **C.data_provenance(cfg, data_root, train_data, val_data), "predictions": pred})

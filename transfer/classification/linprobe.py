@@ -106,7 +106,7 @@ def _mae_probe(ctx) -> tuple[dict, dict]:
     sampler, train_loader, val_loader = C.make_loaders(cfg, train_ds, val_ds, per_gpu, rank, world)
     criterion = nn.CrossEntropyLoss()
     amp = C.amp_dtype_for(device, cfg)
-    start, history, prev = C.resume_state(ctx["ckpt_path"], {"head": model.head}, optimizer, log)
+    start, history, prev, _ = C.resume_state(ctx["run"], ctx["ckpt"], {"head": model.head}, optimizer, log)
     timer = C.Timer(prev)
     log.info(f"mae probe: {len(train_ds)} train / {len(val_ds)} val, pooling {cfg.global_pool}, lr {lr:.4g} "
              f"(blr {cfg.blr}, batch {cfg.batch_size}), {cfg.epochs} epochs")
@@ -118,15 +118,19 @@ def _mae_probe(ctx) -> tuple[dict, dict]:
                 f = model.encoder(x, -1, cfg.global_pool)
             return criterion(head(f.float()), y)
 
+    rows = ctx["rows"]
     for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch)
         model.train()
-        rec = C.train_one_epoch(epoch, cfg=cfg, loader=train_loader, optimizer=optimizer, lr=lr, loss_fn=loss_fn)
+        rec = C.train_one_epoch(epoch, cfg=cfg, loader=train_loader, optimizer=optimizer, lr=lr, loss_fn=loss_fn,
+                                ckpt=ctx["ckpt"])
         if C.eval_due(cfg, epoch):
-            rec.update(C.evaluate(model, val_loader, device, amp))
+            rec.update(C.evaluate(model, val_loader, device, amp, collect=rows if epoch + 1 == cfg.epochs else None))
         history.append(rec)
         _epoch_end(ctx, rec, {"model": unwrap(model.head).state_dict(), "optimizer": optimizer.state_dict()},
                    history, timer)
+    if not rows:  # resumed after the last epoch's checkpoint
+        C.evaluate(model, val_loader, device, amp, collect=rows)
     metrics = C.final_metrics(history)
     return metrics, {"history": history, "selection_split": "none (final epoch on val)",
                      "pooling": cfg.global_pool, "feature_norm": ctx["encoder"].norm_kind, "wall_time": timer.elapsed}
@@ -266,7 +270,11 @@ def train_heads(ctx, cached_train: dict, types: dict, fit_idx: torch.Tensor, hol
     peak = torch.tensor([blr * batch / 256 for blr in blrs], device=device)
     optimizer = StackedLARS([{"params": [heads.weights[t], heads.biases[t]], "lr_vec": peak.clone()}
                              for t in heads.types], lr_vec=peak.clone(), weight_decay=cfg.weight_decay)
-    start, history, prev = C.resume_state(ctx["ckpt_path"], {"heads": heads}, optimizer, ctx["log"])
+    start, history, prev, state = C.resume_state(ctx["run"], ctx["ckpt"], {"heads": heads}, optimizer, ctx["log"])
+    diverged: set[tuple[str, int]] = {(t, int(i)) for t, i in (state or {}).get("diverged", [])}
+    peaks = {t: peak.clone() for t in heads.types}
+    for t, i in diverged:
+        peaks[t][i] = 0.0
     timer = C.Timer(prev)
     n = len(y_fit)
     steps = n // batch  # drop_last, as the MAE loader
@@ -274,28 +282,69 @@ def train_heads(ctx, cached_train: dict, types: dict, fit_idx: torch.Tensor, hol
     for epoch in range(start, epochs):
         heads.train()
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000003 + epoch)).to(device)
-        tot = 0.0
+        tot, n_terms = 0.0, 0
         for it in range(steps):
             f = C.lr_at(it / steps + epoch, 1.0, 0.0, warmup, epochs)
-            for g in optimizer.param_groups:
-                g["lr_vec"] = f * peak
+            for t, g in zip(heads.types, optimizer.param_groups):
+                g["lr_vec"] = f * peaks[t]
             idx = perm[it * batch:(it + 1) * batch]
             yb = y_fit[idx]
             logits = heads({t: x[idx].float() for t, x in fit.items()})
-            # sum over heads of each head's mean CE: every head gets exactly its own gradient
-            loss = sum(F.cross_entropy(o.reshape(-1, o.shape[-1]), yb.repeat(o.shape[0]), reduction="sum")
-                       for o in logits.values()) / len(yb)
+            # sum over heads of each head's mean CE: every head gets exactly its own gradient; a head
+            # whose loss is non-finite is left out (its gradient is 0) and retired below
+            loss = 0.0
+            per_head = {}
+            for t, o in logits.items():
+                ce = F.cross_entropy(o.reshape(-1, o.shape[-1]), yb.repeat(o.shape[0]), reduction="none")
+                per_head[t] = ce.view(o.shape[0], -1).mean(1)
+                ok = torch.isfinite(per_head[t])
+                loss = loss + torch.where(ok, per_head[t], torch.zeros_like(per_head[t])).sum()
+                tot, n_terms = tot + float(per_head[t].detach()[ok].sum()), n_terms + int(ok.sum())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            tot += loss.item() / (len(blrs) * len(logits))
-        rec = {"epoch": epoch, "train_loss_mean": tot / max(steps, 1)}
+            _retire_diverged(heads, optimizer, per_head, peaks, diverged, ctx["log"], epoch, it)
+        if len(diverged) == len(heads.types) * len(blrs):
+            raise ctx["ckpt"].diverged(f"epoch {epoch}: the loss of every head of the probe grid became non-finite")
+        rec = {"epoch": epoch, "train_loss_mean": tot / max(n_terms, 1), "diverged_heads": len(diverged)}
         history.append(rec)
         save = (epoch + 1) % ckpt_every == 0 or epoch + 1 == epochs
-        _epoch_end(ctx, rec, {"model": heads.state_dict(), "optimizer": optimizer.state_dict()}, history, timer,
-                   save=save)
+        _epoch_end(ctx, rec, {"model": heads.state_dict(), "optimizer": optimizer.state_dict(),
+                              "diverged": sorted([t, i] for t, i in diverged)}, history, timer, save=save)
     scores = score_heads(heads, hold, y_hold)
+    for key in diverged:
+        scores[key] = {"top1": None, "top5": None, "loss": None, "diverged": True}
     return heads, scores, history, timer.elapsed
+
+
+@torch.no_grad()
+def _retire_diverged(heads: MultiHead, optimizer, per_head: dict, peaks: dict, diverged: set, log, epoch: int,
+                     it: int) -> None:
+    """Retire every head whose loss is non-finite or whose (updated) weights are non-finite or
+    overflowing (``crossmae.checkpoint.WEIGHT_LIMIT``): it is recorded in
+    ``diverged``, its weights and LARS momentum are zeroed and its lr set to 0 (so the checkpoint
+    stays finite), and it is never selected."""
+    for t in heads.types:
+        w, b = heads.weights[t], heads.biases[t]
+        from crossmae.checkpoint import WEIGHT_LIMIT
+        bad = ~torch.isfinite(per_head[t]) | ~(w.flatten(1).abs() < WEIGHT_LIMIT).all(1) | \
+            ~(b.abs() < WEIGHT_LIMIT).all(1)
+        for i in bad.nonzero().flatten().tolist():
+            if (t, i) in diverged:
+                continue
+            diverged.add((t, i))
+            peaks[t][i] = 0.0
+            for p in (w, b):
+                p[i] = 0.0
+                mu = optimizer.state.get(p, {}).get("mu")
+                if mu is not None:
+                    mu[i] = 0.0
+            log.info(f"fast probe: head {t} #{i} diverged at epoch {epoch} iteration {it}; retired")
+
+
+def _usable(scores: dict, keys=None) -> list:
+    """The keys of ``scores`` (or of ``keys``) whose head did not diverge."""
+    return [k for k in (scores if keys is None else keys) if not scores[k].get("diverged")]
 
 
 def _cache_features(ctx, specs, splits=("train", "val")) -> dict:
@@ -318,11 +367,13 @@ def _cache_features(ctx, specs, splits=("train", "val")) -> dict:
 
 
 def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, k: int = 20, T: float = 0.07, chunk: int = 1024) -> dict:
+                 num_classes: int, k: int = 20, T: float = 0.07, chunk: int = 1024, rows: list | None = None) -> dict:
     """DINO weighted kNN (facebookresearch/dino ``eval_knn.knn_classifier``).
 
     Features (N, D) are L2-normalised here; similarity = cosine; the k nearest train samples vote for
     their class with weight exp(sim / T). k is capped at the train size. Returns top1/top5 (%).
+    With ``rows`` (a list), per-sample rows (:func:`common.top5_rows`) are appended, the scores
+    being each class's share of the votes.
     """
     tr = F.normalize(train_f.float(), dim=1)
     te = F.normalize(test_f.float(), dim=1)
@@ -335,17 +386,21 @@ def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
         votes.scatter_add_(1, train_y[i], (d / T).exp())
         a, b = C.topk_correct(votes, test_y[s:s + chunk])
         c1, c5 = c1 + a, c5 + b
+        if rows is not None:  # softmax of log(vote share) = vote share
+            share = votes / votes.sum(1, keepdim=True)
+            rows += C.top5_rows(share.log(), test_y[s:s + chunk], range(s, s + len(votes)))
     n = max(len(te), 1)
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n}
 
 
-def _knn_metrics(ctx, feats, block: int) -> dict:
+def _knn_metrics(ctx, feats, block: int, rows_for: str | None = None) -> dict:
     kc = ctx["cfg"].get("knn", {})
     out = {}
     for p in POOLINGS:
         tr, ytr = feats["train"][(block, p)]
         va, yva = feats["val"][(block, p)]
-        r = knn_classify(tr, ytr, va, yva, ctx["train"].num_classes, kc.get("k", 20), kc.get("temperature", 0.07))
+        r = knn_classify(tr, ytr, va, yva, ctx["train"].num_classes, kc.get("k", 20), kc.get("temperature", 0.07),
+                         rows=ctx["rows"] if p == rows_for else None)
         out[f"knn_{p}_top1"], out[f"knn_{p}_top5"] = r["top1"], r["top5"]
     return out
 
@@ -359,13 +414,15 @@ def _fast_probe(ctx) -> tuple[dict, dict]:
     n = len(ctx["train"].samples)
     fit_idx, hold_idx = holdout_split(n, cfg.fast.holdout_fraction, cfg.seed)
     heads, scores, history, wall = train_heads(ctx, feats["train"], types, fit_idx, hold_idx, ctx["train"].num_classes)
-    best = select_best(scores)
+    best = select_best(scores, _usable(scores))
     val = _gather(feats["val"], {best[0]: types[best[0]]}, None, ctx["device"])
     yv = next(iter(feats["val"].values()))[1].to(ctx["device"])
     vscore = score_heads(heads, val, yv, only=best)[best]
+    _head_rows(ctx, heads, val, yv, best)
     blrs = list(cfg.fast.blrs)
     grid = [{"features": t, "blr": blrs[i], "holdout_top1": s["top1"], "holdout_top5": s["top5"],
-             "holdout_loss": s["loss"]} for (t, i), s in scores.items()]
+             "holdout_loss": s["loss"], "diverged": bool(s.get("diverged", False))}
+            for (t, i), s in sorted(scores.items(), key=lambda kv: (list(types).index(kv[0][0]), kv[0][1]))]
     choice = {"features": best[0], "blr": blrs[best[1]], "holdout_top1": scores[best]["top1"]}
     metrics = {"top1": vscore["top1"], "top5": vscore["top5"], "holdout_top1": scores[best]["top1"]}
     metrics.update(_knn_metrics(ctx, feats, L - 1))
@@ -375,6 +432,17 @@ def _fast_probe(ctx) -> tuple[dict, dict]:
              "feature_norm": enc.norm_kind, "cache": dict(ctx["cache"].stats), "history": history,
              "epochs_heads": cfg.fast.get("epochs") or cfg.epochs}
     return metrics, extra
+
+
+@torch.no_grad()
+def _head_rows(ctx, heads: MultiHead, feats: dict, y: torch.Tensor, key: tuple[str, int], batch: int = 4096) -> None:
+    """Per-sample prediction rows (:func:`common.top5_rows`) of head ``key`` on the val features
+    (val order), into ``ctx['rows']``."""
+    heads.eval()
+    t, i = key
+    for s in range(0, len(y), batch):
+        out = heads({t: feats[t][s:s + batch].float()})[t][i]
+        ctx["rows"] += C.top5_rows(out, y[s:s + batch].cpu(), range(s, s + len(out)))
 
 
 def _idx_sha(idx: torch.Tensor) -> str:
@@ -398,11 +466,19 @@ def _blocks_probe(ctx) -> tuple[dict, dict]:
     for b in range(L):
         for p in pools:
             t = f"b{b}_{p}"
-            best = select_best(scores, [(t, i) for i in range(len(blrs))])
+            keys = _usable(scores, [(t, i) for i in range(len(blrs))])
+            if not keys:
+                raise ctx["ckpt"].diverged(f"blocks probe: every head of block {b} ({p}) diverged")
+            best = select_best(scores, keys)
             v = score_heads(heads, _gather(feats["val"], {t: types[t]}, None, ctx["device"]), yv, only=best)[best]
             curve[p].append({"block": b, "blr": blrs[best[1]], "holdout_top1": scores[best]["top1"],
-                             "top1": v["top1"], "top5": v["top5"]})
+                             "top1": v["top1"], "top5": v["top5"], "head": best})
     best_pool, best_block = max(((p, r) for p in pools for r in curve[p]), key=lambda pr: pr[1]["holdout_top1"])
+    t_best, i_best = best_block.pop("head")
+    for p in pools:
+        for r in curve[p]:
+            r.pop("head", None)
+    _head_rows(ctx, heads, _gather(feats["val"], {t_best: types[t_best]}, None, ctx["device"]), yv, (t_best, i_best))
     out = ctx["out"]
     atomic_write_json({"curve": curve, "selection_split": "train holdout", "depth": L}, out / "blocks.json")
     _plot_curve(curve, out / "blocks.png", ctx["backbone"])
@@ -436,8 +512,8 @@ def _plot_curve(curve: dict, path, title: str) -> None:
 def _knn_probe(ctx) -> tuple[dict, dict]:
     L = ctx["encoder"].depth
     feats = _cache_features(ctx, [(L - 1, p) for p in POOLINGS])
-    m = _knn_metrics(ctx, feats, L - 1)
     pool = ctx["cfg"].get("knn", {}).get("pooling", "token")
+    m = _knn_metrics(ctx, feats, L - 1, rows_for=pool)
     metrics = {"top1": m[f"knn_{pool}_top1"], "top5": m[f"knn_{pool}_top5"], **m}
     return metrics, {"selection_split": "none", "knn": dict(ctx["cfg"].get("knn", {})),
                      "feature_norm": ctx["encoder"].norm_kind, "cache": dict(ctx["cache"].stats)}
@@ -462,22 +538,30 @@ def run_linprobe(args, cfg, task: str = "linprobe") -> dict:
     if world > 1 and cfg.protocol != "mae":
         raise UserError(f"protocol {cfg.protocol!r} runs on one process (features are cached once); "
                         f"launch it without torchrun")
+    data_root = resolve_data_root(args.data_root)
+    run = C.prepare_run(cfg, args.output_dir, args.resume, task,
+                        {"protocol": f"linprobe_{cfg.protocol}", "backbone": args.backbone,
+                         "data_root": str(data_root.resolve())})
+    if run.finished is not None:
+        return run.finished
     device = C.get_device()
-    out, ckpt_path = C.prepare_run(cfg, args.output_dir, args.resume)
-    log = C.get_logger(out, task)
+    # every input is read before anything is written
+    seed_everything(cfg.seed + rank, cfg.get("deterministic", False))
+    timer = C.Timer()
+    train, val = load_train_val(cfg.data, data_root)
+    encoder, report = build_encoder(args.backbone, cfg)
+    run.start()
+    log = C.get_logger(run.out, task)
     try:
-        seed_everything(cfg.seed + rank, cfg.get("deterministic", False))
-        timer = C.Timer()
-        train, val = load_train_val(cfg.data, resolve_data_root(args.data_root))
-        encoder, report = build_encoder(args.backbone, cfg)
+        out = run.out
         encoder.to(device)
         sha = C.backbone_sha(args.backbone, report)
         log.info(report.summary() if hasattr(report, "summary") else str(report))
         cache_dir = cfg.fast.get("cache_dir") if cfg.get("fast") else None
         ctx = dict(cfg=cfg, device=device, log=log, task=task, train=train, val=val, encoder=encoder, sha=sha,
-                   arch=getattr(report, "arch", cfg.get("arch")), world=world, rank=rank, out=out,
-                   ckpt_path=ckpt_path, ckpt=CheckpointManager(out, keep=0), tb=C.tb_writer(out),
-                   cache=FeatureCache(cache_dir), backbone=args.backbone)
+                   arch=getattr(report, "arch", cfg.get("arch")), world=world, rank=rank, out=out, run=run,
+                   ckpt=CheckpointManager(out, keep=0), tb=C.tb_writer(out),
+                   cache=FeatureCache(cache_dir), backbone=args.backbone, rows=[])
         fn = {"mae": _mae_probe, "fast": _fast_probe, "blocks": _blocks_probe, "knn": _knn_probe}[cfg.protocol]
         metrics, extra = fn(ctx)
         if ctx["tb"] is not None:
@@ -487,9 +571,12 @@ def run_linprobe(args, cfg, task: str = "linprobe") -> dict:
         prev = extra.pop("wall_time", None)
         wall = max(timer.elapsed, prev or 0.0)
         epochs = cfg.epochs if cfg.protocol == "mae" else (0 if cfg.protocol == "knn" else extra.get("epochs_heads", cfg.epochs))
-        extra.update(num_classes=train.num_classes, dataset=dict(cfg.data))
-        return C.finish_run(out, task=task, protocol=f"linprobe_{cfg.protocol}", metrics=metrics, cfg=cfg,
+        pred = C.write_predictions(run, ctx["rows"], val, data_root)
+        extra.update(num_classes=train.num_classes, dataset=dict(cfg.data), predictions=pred,
+                     **C.data_provenance(cfg, data_root, train, val))
+        return C.finish_run(run, task=task, protocol=f"linprobe_{cfg.protocol}", metrics=metrics, cfg=cfg,
                             backbone=args.backbone, sha=sha, report=report, epochs=epochs, wall_time_s=wall,
                             device=device, extra=extra)
     finally:
         C.close_logger(log)
+        run.close()
