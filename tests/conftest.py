@@ -92,3 +92,18 @@ def optimizer_steps():
     handle = register_optimizer_step_post_hook(counter)
     yield counter
     handle.remove()
+
+
+@pytest.fixture
+def user_error(capsys):
+    """``user_error(main, argv)`` runs a command expecting bad input: exit status 2 and exactly one
+    ``error: …`` line, the last one on stderr (log lines may precede it). Returns that line."""
+    def check(main, argv) -> str:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        errors = [ln for ln in err if ln.startswith("error: ")]
+        assert len(errors) == 1 and err[-1] == errors[0], err
+        return errors[0]
+    return check

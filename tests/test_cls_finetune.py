@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from crossmae.utils import safe_torch_load, sha256_file
 from transfer import finetune, inat
 from transfer.classification import finetune as ft_protocol
 
@@ -20,9 +21,13 @@ class Preempted(Exception):
     pass
 
 
-def test_finetune_resume_equals_uninterrupted(tiny_crossmae_ckpt, data_root, tmp_path, monkeypatch):  # noqa: F811
+def test_finetune_resume_equals_uninterrupted(tiny_crossmae_ckpt, data_root, tmp_path, monkeypatch,  # noqa: F811
+                                              optimizer_steps, user_error):
     opts = ("epochs=3", "eval_interval=1")
+    optimizer_steps.reset()
     full = finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "full", *opts))
+    per_epoch, rest = divmod(optimizer_steps.n, 3)
+    assert per_epoch > 0 and rest == 0
 
     def stop(epoch):
         if epoch == 0:
@@ -32,30 +37,42 @@ def test_finetune_resume_equals_uninterrupted(tiny_crossmae_ckpt, data_root, tmp
     with pytest.raises(Preempted):
         finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "part", *opts))
     assert not (tmp_path / "part" / "metrics.json").exists()
-    assert (tmp_path / "part" / "checkpoint-latest.pth").exists()
-    monkeypatch.setattr(ft_protocol, "EPOCH_END_HOOK", None)
+    assert safe_torch_load(tmp_path / "part" / "checkpoint-latest.pth")["epoch"] == 0
+    trained = []  # the epochs the resumed process runs
+    monkeypatch.setattr(ft_protocol, "EPOCH_END_HOOK", trained.append)
+    optimizer_steps.reset()
     resumed = finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "part", *opts) + ["--resume"])
+    # it started after the checkpoint's epoch 0 and did only the remaining two epochs' steps (a restart
+    # would redo epoch 0 and, deterministic, reach the same numbers)
+    assert trained == [1, 2] and optimizer_steps.n == 2 * per_epoch
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
     assert resumed["metrics"] == full["metrics"]
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
     a = torch.load(tmp_path / "full" / "checkpoint-latest.pth", weights_only=False)["model"]
     b = torch.load(tmp_path / "part" / "checkpoint-latest.pth", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.setattr(ft_protocol, "EPOCH_END_HOOK", None)
     m = json.loads((tmp_path / "full" / "metrics.json").read_text())
     for key in ("task", "protocol", "metrics", "backbone_sha256", "backbone_report", "config_hash", "seed",
                 "epochs", "wall_time_s", "device", "num_gpus", "code_version", "selection_split"):
         assert key in m
     assert m["epochs"] == 3 and set(m["metrics"]) >= {"top1", "top5"}
     assert (tmp_path / "full" / "config.py").exists() and list((tmp_path / "full" / "tb").iterdir())
-    # a finished run is never overwritten, and a resumed run must keep its config
-    with pytest.raises(SystemExit):
-        finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "full", *opts))
-    assert json.loads((tmp_path / "full" / "metrics.json").read_text()) == m
+    # a finished run is never overwritten by a run with another config (here another seed) ...
+    full_dir = tmp_path / "full"
+    err = user_error(finetune.main, _argv(tiny_crossmae_ckpt, data_root, full_dir, *opts) + ["--seed", "1"])
+    assert str(full_dir) in err
+    assert json.loads((full_dir / "metrics.json").read_text()) == m
+    # ... and an unfinished run is never resumed with another config
     monkeypatch.setattr(ft_protocol, "EPOCH_END_HOOK", stop)
     with pytest.raises(Preempted):
         finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "p2", *opts))
     monkeypatch.setattr(ft_protocol, "EPOCH_END_HOOK", None)
-    with pytest.raises(SystemExit):
-        finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "p2", "epochs=4"))
+    before = {f: sha256_file(tmp_path / "p2" / f) for f in ("checkpoint-latest.pth", "config.py")}
+    err = user_error(finetune.main, _argv(tiny_crossmae_ckpt, data_root, tmp_path / "p2", "epochs=4"))
+    assert str(tmp_path / "p2") in err and "config" in err
+    assert {f: sha256_file(tmp_path / "p2" / f) for f in before} == before
+    assert not (tmp_path / "p2" / "metrics.json").exists()
 
 
 def test_inat_finetune_beats_chance(tiny_crossmae_ckpt, data_root, tmp_path):  # noqa: F811
