@@ -442,27 +442,52 @@ class MAE(_MaskedViTBase):
 # --------------------------------------------------------------------------------------------------
 # CrossMAE
 # --------------------------------------------------------------------------------------------------
+#: Initialisations of the inter-block attention weights (:class:`WeightedFeatureMaps`).
+INTER_BLOCK_INITS = ("xavier_uniform", "normal")
+
+
 class WeightedFeatureMaps(nn.Module):
     """Inter-block attention: mixes k encoder feature maps into one map per decoder block.
 
-    ``linear = Linear(k, decoder_depth, bias=False)`` initialised N(0, 1/k) (std 1/sqrt(k)), official
-    ``models_cross.WeightedFeatureMaps``. Variants: ``"linear"`` (default, official), ``"softmax"``
-    (weights softmax-normalised over the k maps, paper Table 8), ``"lp"`` (a Linear(D, D) per map
-    before fusion, "+LP", paper Table 9; keys ``lp.{j}.*``).
+    ``linear = Linear(k, decoder_depth, bias=False)``, official ``models_cross.WeightedFeatureMaps``.
+    Initialisation (``init``): ``"xavier_uniform"`` (default) — U(−a, a), a = sqrt(6 / (k + depth)),
+    what the official code actually trains from: its constructor draws N(0, std 1/sqrt(k)), but the
+    model's later ``self.apply(self._init_weights)`` (``MaskedAutoencoderViT.initialize_weights``)
+    overwrites every ``nn.Linear`` with xavier-uniform, this one included; ``"normal"`` — the
+    N(0, std 1/sqrt(k)) draw the official constructor intended. Like the official module, the
+    constructor itself draws N(0, 1/sqrt(k)) (so a seeded :class:`CrossMAE` consumes the random stream
+    exactly as ``models_cross.py`` and starts from the same weights); the configured ``init`` is in
+    place once the owning :class:`CrossMAE` has run its initialisation (its generic xavier pass, then
+    :meth:`reset_parameters` for ``"normal"``). Used on its own, call :meth:`reset_parameters`.
+
+    Variants (``mode``): ``"linear"`` (default, official), ``"softmax"`` (weights softmax-normalised
+    over the k maps, paper Table 8), ``"lp"`` (a Linear(D, D) per map before fusion, "+LP", paper
+    Table 9; keys ``lp.{j}.*``).
 
     Input: k tensors (N, T, D). Output: (decoder_depth, N, T, D); entry i feeds decoder block i.
     The fusion is one GEMM over the stacked maps (equal to the official ``linear(stack(..., -1))``).
     """
 
-    def __init__(self, k: int, decoder_depth: int, embed_dim: int, mode: str = "linear"):
+    def __init__(self, k: int, decoder_depth: int, embed_dim: int, mode: str = "linear",
+                 init: str = "xavier_uniform"):
         super().__init__()
         if mode not in ("linear", "softmax", "lp"):
             raise ValueError(f"unknown inter-block attention mode {mode!r}; choose linear, softmax or lp")
-        self.k, self.mode = k, mode
+        if init not in INTER_BLOCK_INITS:
+            raise ValueError(f"unknown inter-block attention init {init!r}; choose from {INTER_BLOCK_INITS}")
+        self.k, self.mode, self.init = k, mode, init
         self.linear = nn.Linear(k, decoder_depth, bias=False)
+        # the official constructor's draw: a seeded model consumes the random stream as models_cross.py does
         nn.init.normal_(self.linear.weight, mean=0.0, std=1.0 / math.sqrt(k))
         if mode == "lp":
             self.lp = nn.ModuleList([nn.Linear(embed_dim, embed_dim) for _ in range(k)])
+
+    def reset_parameters(self) -> None:
+        """(Re)draw ``linear.weight`` with the configured ``init`` (see the class docstring)."""
+        if self.init == "normal":
+            nn.init.normal_(self.linear.weight, mean=0.0, std=1.0 / math.sqrt(self.k))
+        else:
+            nn.init.xavier_uniform_(self.linear.weight)
 
     def weights(self) -> torch.Tensor:
         """(decoder_depth, k) mixing weights as applied (softmax-normalised in ``softmax`` mode)."""
@@ -496,9 +521,12 @@ class CrossMAE(_MaskedViTBase):
             ``softmax`` | ``lp`` (see :class:`WeightedFeatureMaps`).
         self_attn: add self-attention among queries (Table 3a ablation).
         norm_pix_loss, attn_impl, masking: as :class:`MAE`.
+        inter_block_init: ``"xavier_uniform"`` (default: what the official code trains from) or
+            ``"normal"`` (N(0, 1/sqrt(k))); see :class:`WeightedFeatureMaps`.
 
     Raises:
-        ValueError: bad sizes, an encoder block id out of range, unknown mode / attention / masking.
+        ValueError: bad sizes, an encoder block id out of range, unknown mode / init / attention /
+            masking.
     """
 
     method = "crossmae"
@@ -508,7 +536,7 @@ class CrossMAE(_MaskedViTBase):
                  decoder_num_heads: int = 16, mlp_ratio: float = 4.0, norm_pix_loss: bool = False,
                  weight_fm: bool = True, use_fm: list[int] | tuple[int, ...] = (-1,), use_input: bool = False,
                  fm_mode: str = "linear", self_attn: bool = False, attn_impl: str = "sdpa",
-                 masking: str = "random"):
+                 masking: str = "random", inter_block_init: str = "xavier_uniform"):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_pix_loss,
                          final_norm=not weight_fm, attn_impl=attn_impl, masking=masking)
         L = self.num_patches
@@ -523,7 +551,8 @@ class CrossMAE(_MaskedViTBase):
                 raise ValueError(f"use_fm names encoder blocks {bad} outside 0..{depth - 1}")
         if weight_fm:
             self.dec_norms = nn.ModuleList([LayerNorm(embed_dim) for _ in range(decoder_depth)])
-            self.wfm = WeightedFeatureMaps(len(self.use_fm) + int(use_input), decoder_depth, embed_dim, fm_mode)
+            self.wfm = WeightedFeatureMaps(len(self.use_fm) + int(use_input), decoder_depth, embed_dim, fm_mode,
+                                           init=inter_block_init)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_blocks = nn.ModuleList([
             CrossAttentionBlock(embed_dim, decoder_embed_dim, decoder_num_heads, mlp_ratio, self_attn=self_attn,
@@ -531,9 +560,9 @@ class CrossMAE(_MaskedViTBase):
         self.decoder_norm = LayerNorm(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, L + 1, decoder_embed_dim), requires_grad=False)
-        self._init_common()
-        if weight_fm:  # re-apply the official N(0, 1/k) init that the generic Linear init overwrote
-            nn.init.normal_(self.wfm.linear.weight, mean=0.0, std=1.0 / math.sqrt(self.wfm.k))
+        self._init_common()  # xavier-uniform on every Linear, wfm.linear included (as the official code)
+        if weight_fm and self.wfm.init == "normal":
+            self.wfm.reset_parameters()
 
     def encode(self, imgs: torch.Tensor, masking: Masking) -> torch.Tensor | list[torch.Tensor]:
         """Encoder features the decoder reads: the list of fused maps with inter-block attention,

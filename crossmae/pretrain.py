@@ -133,7 +133,8 @@ def plan_from_config(cfg) -> Plan:
                               attn_impl=cfg.attn_impl, masking=cfg.masking)
     if method == "crossmae":
         kw.update(weight_fm=cfg.weight_fm, use_fm=list(cfg.use_fm), use_input=cfg.use_input,
-                  fm_mode=cfg.fm_mode, self_attn=cfg.self_attn)
+                  fm_mode=cfg.fm_mode, self_attn=cfg.self_attn,
+                  inter_block_init=cfg.get("inter_block_init", "xavier_uniform"))
     return Plan(method, arch, kw, None if method == "mae" else float(gamma))
 
 
@@ -536,7 +537,7 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
             if final or (epoch + 1) % max(int(cfg.save_freq), 1) == 0:
                 snapshot = final or (cfg.snapshot_freq and (epoch + 1) % int(cfg.snapshot_freq) == 0)
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "scaler": scaler.state_dict(), "args": ns, "config": cfg_dict, "history": history}
+                         "scaler": scaler_entry(scaler), "args": ns, "config": cfg_dict, "history": history}
                 ckpts.check_finite(state, f"epoch {epoch}")  # on every rank: unhealthy weights stop all of them
                 if main_proc:
                     ckpts.save(state, step=epoch, periodic=bool(snapshot), label=f"epoch {epoch}")
@@ -558,6 +559,24 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
 
 def _json_line(obj: dict) -> str:
     return json.dumps(obj) + "\n"
+
+
+def scaler_entry(scaler: torch.amp.GradScaler) -> dict:
+    """The checkpoint's ``scaler`` entry: a loss-scaler state the official resume accepts.
+
+    The official ``util/misc.load_model`` (facebookresearch/mae and TonyLianLong/CrossMAE) calls
+    ``loss_scaler.load_state_dict(checkpoint['scaler'])`` on an enabled ``torch.cuda.amp.GradScaler``
+    (``NativeScalerWithGradNormCount``), which raises "The source state dict is empty" for the ``{}``
+    a disabled scaler (bf16 / fp32 runs) returns. So: an enabled scaler's own ``state_dict()`` (fp16
+    runs), else the state of a fresh default ``GradScaler`` (scale 2^16, growth 2.0, backoff 0.5,
+    interval 2000, tracker 0; the five fields of ``GradScaler.state_dict``), written out explicitly
+    because a CUDA scaler built on a machine without CUDA is disabled and would give ``{}`` again.
+    Resuming such a run continues as a fresh fp16 run would.
+    """
+    if scaler.is_enabled():
+        return scaler.state_dict()
+    return {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+            "_growth_tracker": 0}
 
 
 def _load_training_state(state: dict, source: Path, model, optimizer, scaler) -> None:

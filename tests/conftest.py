@@ -68,3 +68,42 @@ def tiny_crossmae_ckpt(tmp_path_factory, data_root) -> Path:
     finally:
         torch.set_num_threads(n)
     return Path(m["checkpoint"])
+
+
+class StepCounter:
+    """Counts ``optimizer.step()`` calls made in this process (torch's global optimizer step hook), so a
+    resume test can check how much training the resumed command really did, whatever its loop is."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self, optimizer, args, kwargs):
+        self.n += 1
+
+    def reset(self) -> None:
+        self.n = 0
+
+
+@pytest.fixture
+def optimizer_steps():
+    """A :class:`StepCounter` active for the test (``.n`` steps so far, ``.reset()``)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    counter = StepCounter()
+    handle = register_optimizer_step_post_hook(counter)
+    yield counter
+    handle.remove()
+
+
+@pytest.fixture
+def user_error(capsys):
+    """``user_error(main, argv)`` runs a command expecting bad input: exit status 2 and exactly one
+    ``error: …`` line, the last one on stderr (log lines may precede it). Returns that line."""
+    def check(main, argv) -> str:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        errors = [ln for ln in err if ln.startswith("error: ")]
+        assert len(errors) == 1 and err[-1] == errors[0], err
+        return errors[0]
+    return check

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from crossmae.utils import UserError, load_config
 from transfer.ade20k import PRESET_DIR, build_model, build_optimizer, load_backbone_weights
@@ -159,6 +160,21 @@ def test_multiscale_flip_prediction():
     pred = predict(m, imgs, (50, 70), cfg)
     assert pred.shape == (50, 70) and pred.dtype == torch.int64
     assert 0 <= int(pred.min()) and int(pred.max()) < cfg.model.num_classes
+
+    # by hand (mmseg SegTTAModel): mean over scales and flips of softmax(resize(logits)), where the
+    # flipped pass is predicted on flip(x) and flipped back before averaging
+    def probs(x, undo=True):
+        logits = m.inference(x[None], "slide", (64, 64), (32, 32))
+        flipped = m.inference(x.flip(-1)[None], "slide", (64, 64), (32, 32))
+        flipped = flipped.flip(-1) if undo else flipped
+        return sum(F.interpolate(z, size=(50, 70), mode="bilinear", align_corners=False).softmax(1)
+                   for z in (logits, flipped))
+
+    with torch.no_grad():
+        ref = sum(probs(x) for x in imgs)[0].argmax(0)
+        not_undone = sum(probs(x, undo=False) for x in imgs)[0].argmax(0)
+    assert (ref != not_undone).float().mean() > 0.05  # the inputs are asymmetric enough to tell
+    assert torch.equal(pred, ref)
     # single scale without flip = argmax of the resized slide logits
     cfg1 = _cfg("model.rel_pos_bias=False", "model.layer_scale_init=None")
     logits = m.inference(imgs[1][None], "slide", (64, 64), (32, 32))

@@ -61,8 +61,10 @@ def _run(out, ckpt, *extra, opts=()):
     return ade20k.main(argv)
 
 
-def test_run_writes_outputs_and_resume_is_exact(coco_root, ckpt, tmp_path):
+def test_run_writes_outputs_and_resume_is_exact(coco_root, ckpt, tmp_path, optimizer_steps):
+    optimizer_steps.reset()
     full = _run(tmp_path / "full", ckpt)
+    assert optimizer_steps.n == 4  # one optimizer step per iteration
     assert set(full["metrics"]) == {"mIoU", "mAcc", "aAcc"}
     saved = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert saved["task"] == "ade20k" and saved["iters"] == 4
@@ -74,7 +76,13 @@ def test_run_writes_outputs_and_resume_is_exact(coco_root, ckpt, tmp_path):
 
     part = _run(tmp_path / "part", ckpt, "--stop-after", "2")
     assert part == {"stopped_at": 2} and not (tmp_path / "part" / "metrics.json").exists()
+    assert torch.load(tmp_path / "part" / "checkpoint-latest.pth")["iter"] == 2
+    optimizer_steps.reset()
     resumed = _run(tmp_path / "part", ckpt)
+    # the resumed process started at the checkpoint's iteration 2 and did only iterations 2..3
+    # (a restart would do 4 and, deterministic, reach the same weights)
+    assert optimizer_steps.n == 2
+    assert torch.load(tmp_path / "part" / "checkpoint-latest.pth")["iter"] == 4
     a = torch.load(tmp_path / "full" / "checkpoint-latest.pth")["model"]
     b = torch.load(tmp_path / "part" / "checkpoint-latest.pth")["model"]
     assert a.keys() == b.keys()

@@ -101,12 +101,28 @@ def test_load_into_refuses_silent_partial_loads(tiny_mae_official):
     sd, rep = load_encoder_state_dict(tiny_mae_official)
     target = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0,
                                embed_dim=64, depth=4, num_heads=4, img_size=64)
+    sd = {k: v + 1.0 for k, v in sd.items()}  # no tensor equals the target's init (norms are 1 / 0 in both)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    assert not any(torch.equal(before[k], sd[k]) for k in sd)  # so any copy would show
+
+    def unchanged():
+        return all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
     # a wrong prefix (mmseg's classic silent failure) loads nothing → refused
     with pytest.raises(BackboneLoadError, match="would stay randomly initialised"):
         load_into(target, sd, rep, key_map=lambda k: "backbone." + k)
-    before = {k: v.clone() for k, v in target.state_dict().items()}
-    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # nothing copied
+    assert unchanged()
+    # a partial match (block 3 under a wrong name): the 60 tensors that do fit must not be copied either
+    with pytest.raises(BackboneLoadError, match="12 VisionTransformer weights would stay randomly initialised"):
+        load_into(target, sd, rep, key_map=lambda k: k.replace("blocks.3.", "layers.3."))
+    assert unchanged()
+    # one tensor of the wrong shape: refused, nothing copied
+    bad = dict(sd, **{"blocks.0.mlp.fc1.bias": torch.zeros(7)})
+    with pytest.raises(BackboneLoadError, match=r"shape mismatch .*blocks.0.mlp.fc1.bias \(7,\) vs \(256,\)"):
+        load_into(target, bad, rep)
+    assert unchanged()
     rep = load_into(target, sd, rep)
+    assert all(torch.equal(target.state_dict()[k], sd[k]) for k in sd)
     assert rep.missing == [] and len(rep.loaded) == len(sd)
 
 

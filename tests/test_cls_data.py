@@ -196,9 +196,13 @@ def test_cli_bad_input_one_line_no_metrics(data_root, tmp_path, capsys, tiny_cro
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "places365_val.txt: line 1: label 999" in err[0]
     assert not (out / "metrics.json").exists()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         places.main(["--backbone", str(tmp_path / "missing.pth"), "--config", "smoke", "--output-dir", str(out)])
-    assert "missing.pth" in capsys.readouterr().err
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {tmp_path / 'missing.pth'}: --backbone checkpoint not found", err
+    assert [ln for ln in err if ln.startswith("error: ")] == err[-1:]
+    assert not (out / "metrics.json").exists()
 
 
 # ------------------------------------------------------------------ shared fixtures (imported by the other test_cls files)

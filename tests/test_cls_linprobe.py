@@ -60,10 +60,15 @@ class Preempted(Exception):
     pass
 
 
-def test_fast_probe_resume_and_blocks_curve(tiny_crossmae_ckpt, data_root, tmp_path, monkeypatch):  # noqa: F811
+def test_fast_probe_resume_and_blocks_curve(tiny_crossmae_ckpt, data_root, tmp_path, monkeypatch,  # noqa: F811
+                                           optimizer_steps):
     cache = tmp_path / "cache"
     opts = ("protocol=fast", "fast.checkpoint_interval=1")
+    optimizer_steps.reset()
     full = linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "full", cache, *opts))
+    epochs = len(full["history"])
+    per_epoch, rest = divmod(optimizer_steps.n, epochs)
+    assert epochs == 3 and per_epoch > 0 and rest == 0
 
     def stop(epoch):
         if epoch == 1:
@@ -73,9 +78,16 @@ def test_fast_probe_resume_and_blocks_curve(tiny_crossmae_ckpt, data_root, tmp_p
     with pytest.raises(Preempted):
         linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "part", cache, *opts))
     assert not (tmp_path / "part" / "metrics.json").exists()
-    monkeypatch.setattr(lp_protocol, "EPOCH_END_HOOK", None)
+    assert torch.load(tmp_path / "part" / "checkpoint-latest.pth", weights_only=False)["epoch"] == 1
+    trained = []  # the epochs the resumed process runs
+    monkeypatch.setattr(lp_protocol, "EPOCH_END_HOOK", trained.append)
+    optimizer_steps.reset()
     res = linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "part", cache, *opts))
+    # started after the checkpoint's epoch 1, trained only epoch 2 (a restart would redo 0 and 1)
+    assert trained == [2] and optimizer_steps.n == per_epoch
+    assert [h["epoch"] for h in res["history"]] == [0, 1, 2]
     assert res["metrics"] == full["metrics"] and res["grid"] == full["grid"]
+    monkeypatch.setattr(lp_protocol, "EPOCH_END_HOOK", None)
 
     blk = linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "blocks", cache, "protocol=blocks"))
     curve = json.loads((tmp_path / "blocks" / "blocks.json").read_text())["curve"]
@@ -85,7 +97,7 @@ def test_fast_probe_resume_and_blocks_curve(tiny_crossmae_ckpt, data_root, tmp_p
     assert blk["metrics"]["top1"] == blk["choice"]["top1"]
 
 
-def test_mae_protocol_on_places_and_knn_on_inat(tiny_crossmae_ckpt, data_root, tmp_path):  # noqa: F811
+def test_mae_protocol_on_places_and_knn_on_inat(tiny_crossmae_ckpt, data_root, tmp_path, user_error):  # noqa: F811
     from crossmae import load_backbone
     cache = tmp_path / "cache"
     res = places.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "pl", cache, "epochs=2", "batch_size=32") + ["--protocol", "linprobe"])
@@ -103,5 +115,9 @@ def test_mae_protocol_on_places_and_knn_on_inat(tiny_crossmae_ckpt, data_root, t
     k = inat.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "knn", cache, "protocol=knn") + ["--protocol", "linprobe"])
     assert k["protocol"] == "linprobe_knn" and k["epochs"] == 0
     assert k["metrics"]["top1"] == k["metrics"]["knn_token_top1"]
-    with pytest.raises(SystemExit):  # a fine-tuning config given to --protocol linprobe
-        inat.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "x", cache, config="configs/inat/smoke.py") + ["--protocol", "linprobe"])
+    # a fine-tuning config given to --protocol linprobe
+    err = user_error(inat.main, ["--backbone", str(tiny_crossmae_ckpt), "--config", "configs/inat/smoke.py",
+                                 "--data-root", str(data_root), "--output-dir", str(tmp_path / "x"),
+                                 "--protocol", "linprobe"])
+    assert err == "error: configs/inat/smoke.py: config is for protocol 'finetune', --protocol is 'linprobe'"
+    assert not (tmp_path / "x").exists()

@@ -107,20 +107,41 @@ def test_stacked_lars_equals_one_lars_per_head():
 
 # ------------------------------------------------------------------ kNN
 def test_knn_weighted_votes_by_hand():
-    ang = torch.tensor([0.0, 0.1, 0.2, 1.5, 1.6, 3.0])
+    """Two queries where DINO's exp(cos/T) weighting decides: query A's single very close neighbour
+    outweighs two farther ones of another class (a plain majority vote gets A wrong); query B's two
+    slightly farther neighbours outweigh its nearest one (nearest-neighbour-only gets B wrong)."""
+    ang = torch.tensor([0.05, 0.6, -0.6, 1.87, 1.22, 1.92, 3.0])
+    ytr = torch.tensor([0, 1, 1, 2, 1, 1, 2])
     tr = torch.stack([ang.cos(), ang.sin()], 1) * 3.0  # scale must not matter (cosine)
-    ytr = torch.tensor([0, 0, 1, 1, 1, 2])
-    te = torch.tensor([[math.cos(0.15), math.sin(0.15)], [math.cos(1.55), math.sin(1.55)]])
-    yte = torch.tensor([1, 1])
-    # k=3, T=0.07: first query's neighbours 0.1 (0), 0.2 (1), 0.0 (0)
-    w = lambda a: math.exp(math.cos(a) / 0.07)  # noqa: E731
-    votes0 = {0: w(0.05) + w(0.15), 1: w(0.05)}
-    assert max(votes0, key=votes0.get) == 0  # so query 0 is wrong for label 1
-    r = knn_classify(tr, ytr, te, yte, num_classes=3, k=3, T=0.07)
-    assert r["top1"] == 50.0 and r["top5"] == 100.0
-    q = torch.tensor([[math.cos(0.12), math.sin(0.12)], [math.cos(0.19), math.sin(0.19)]])
-    r1 = knn_classify(tr, ytr, q, torch.tensor([0, 0]), num_classes=3, k=1, T=0.07)
-    assert r1["top1"] == 50.0  # k=1: nearest of 0.12 is 0.1 (label 0, right), of 0.19 is 0.2 (label 1)
+    q_ang = torch.tensor([0.0, 1.57])
+    te = torch.stack([q_ang.cos(), q_ang.sin()], 1)
+    yte = torch.tensor([0, 1])
+    T = 0.07
+
+    def votes(qa, k, temp):  # the vote of each class among the k nearest, by hand
+        d = (ang - qa).abs()
+        near = d.argsort()[:k]
+        out = [0.0, 0.0, 0.0]
+        for i in near.tolist():
+            out[int(ytr[i])] += math.exp(math.cos(float(d[i])) / temp)
+        return out
+
+    def argmax(v):
+        return max(range(len(v)), key=v.__getitem__)
+
+    # the premises: weighting changes the decision against both simpler rules
+    assert [argmax(votes(float(a), 3, T)) for a in q_ang] == [0, 1]  # weighted: both right
+    majority = [argmax([sum(1 for i in (ang - a).abs().argsort()[:3].tolist() if int(ytr[i]) == c)
+                        for c in range(3)]) for a in q_ang.tolist()]
+    assert majority == [1, 1]  # unweighted: query A wrong
+    assert [int(ytr[(ang - a).abs().argmin()]) for a in q_ang.tolist()] == [0, 2]  # nearest only: B wrong
+    r = knn_classify(tr, ytr, te, yte, num_classes=3, k=3, T=T)
+    assert r["top1"] == 100.0 and r["top5"] == 100.0
+    # a huge temperature flattens the weights into a majority vote: query A becomes wrong
+    r_flat = knn_classify(tr, ytr, te, yte, num_classes=3, k=3, T=1000.0)
+    assert r_flat["top1"] == 50.0
+    r1 = knn_classify(tr, ytr, te, yte, num_classes=3, k=1, T=T)
+    assert r1["top1"] == 50.0  # k=1: B's nearest neighbour has label 2
     r_big = knn_classify(tr, ytr, te, yte, num_classes=3, k=100)  # k capped at the train size
     assert 0 <= r_big["top1"] <= 100
 

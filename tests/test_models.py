@@ -1,7 +1,9 @@
 """MAE / CrossMAE models: official layouts, masking semantics, partial-decoding invariance, losses."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,26 +21,39 @@ def tiny(name="crossmae_vit_tiny_patch16", **kw):
 
 
 # ---------------------------------------------------------------- official state-dict layouts
-def test_mae_vit_base_state_dict_matches_official_layout():
-    sd = create_model("mae_vit_base_patch16").state_dict()
-    assert len(sd) == 254  # facebookresearch/mae models_mae.py, ViT-B
-    assert sd["decoder_embed.weight"].shape == (512, 768)
-    assert sd["decoder_blocks.7.attn.qkv.weight"].shape == (1536, 512)
-    assert sd["decoder_pred.weight"].shape == (768, 512)
-    assert sd["pos_embed"].shape == (1, 197, 768) and sd["decoder_pos_embed"].shape == (1, 197, 512)
-    assert "norm.weight" in sd and "decoder_blocks.8.norm1.weight" not in sd
+DATA = Path(__file__).parent / "data"
 
 
-def test_crossmae_vit_base_state_dict_matches_official_layout():
-    model = create_model("crossmae_vit_base_patch16", use_input=True)
-    sd = model.state_dict()
-    assert len(sd) == 347  # TonyLianLong/CrossMAE models_cross.py, ViT-B, decoder 12, use_input
-    assert not any(k.startswith("norm.") for k in sd)  # no final encoder norm with inter-block attention
-    assert not any(k.startswith("decoder_embed") for k in sd)
-    assert sd["wfm.linear.weight"].shape == (12, 13)
-    assert sd["decoder_blocks.11.cross_attn.kv.weight"].shape == (1024, 768)
-    assert sd["decoder_blocks.0.cross_attn.q.weight"].shape == (512, 512)
-    assert sd["dec_norms.11.weight"].shape == (768,)
+def _official_keys(name: str) -> dict[str, tuple[int, ...]]:
+    """key -> shape of a reference model's state dict (tests/data, taken from the official code)."""
+    doc = json.loads((DATA / name).read_text())
+    assert doc["num_keys"] == len(doc["keys"])
+    return {k: tuple(v) for k, v in doc["keys"].items()}
+
+
+def _layout(model) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _layout_diff(ours: dict, ref: dict) -> str:
+    missing, extra = sorted(set(ref) - set(ours)), sorted(set(ours) - set(ref))
+    shape = sorted(k for k in set(ours) & set(ref) if ours[k] != ref[k])
+    return f"missing {missing[:5]}, unexpected {extra[:5]}, shape {[(k, ours[k], ref[k]) for k in shape[:5]]}"
+
+
+def test_mae_vit_base_state_dict_equals_official_layout():
+    ref = _official_keys("official_keys_mae_vit_base.json")  # facebookresearch/mae models_mae.py
+    assert len(ref) == 254  # REFERENCE.md §2
+    ours = _layout(create_model("mae_vit_base_patch16"))
+    assert ours == ref, _layout_diff(ours, ref)
+
+
+def test_crossmae_vit_base_state_dict_equals_official_layout():
+    ref = _official_keys("official_keys_crossmae_vit_base.json")  # TonyLianLong/CrossMAE models_cross.py
+    assert len(ref) == 347  # REFERENCE.md §1: decoder 12, use_input
+    sd = create_model("crossmae_vit_base_patch16", use_input=True).state_dict()
+    ours = {k: tuple(v.shape) for k, v in sd.items()}
+    assert ours == ref, _layout_diff(ours, ref)
     enc = sum(v.numel() for k, v in sd.items() if k.startswith(("cls_token", "pos_embed", "patch_embed", "blocks")))
     dec = sum(v.numel() for k, v in sd.items() if not k.startswith(("cls_token", "pos_embed", "patch_embed",
                                                                      "blocks")))
@@ -56,11 +71,34 @@ def test_ablation_layouts():
     assert "norm.weight" in no_ib and not any(k.startswith(("wfm", "dec_norms")) for k in no_ib)
 
 
-def test_inter_block_init_and_softmax_variant():
+def _wide_wfm(**kw):
+    """A CrossMAE whose inter-block weight is large (48 x 25) with k != decoder depth, so the two inits
+    differ in spread: xavier-uniform std sqrt(2 / (k + depth)) = 0.166, normal std 1/sqrt(k) = 0.2."""
     torch.manual_seed(0)
-    m = create_model("crossmae_vit_base_patch16")  # k = 12 maps
-    w = m.wfm.linear.weight
-    assert abs(w.std().item() - 1 / math.sqrt(12)) < 0.1  # N(0, 1/k)
+    return CrossMAE(img_size=32, patch_size=16, embed_dim=16, depth=24, num_heads=2, decoder_embed_dim=16,
+                    decoder_depth=48, decoder_num_heads=2, use_input=True, **kw).wfm.linear.weight.detach()
+
+
+def test_inter_block_init_and_softmax_variant():
+    # default = what the official code executes: its self.apply(_init_weights) overwrites the
+    # N(0, 1/sqrt(k)) draw of WeightedFeatureMaps with xavier-uniform, U(-a, a), a = sqrt(6 / (k + depth))
+    w = _wide_wfm()
+    k, depth = 25, 48
+    a = math.sqrt(6 / (k + depth))
+    assert w.shape == (depth, k) and w.abs().max() <= a
+    assert w.abs().max() > 0.95 * a  # fills the interval (1200 draws)
+    assert abs(w.std().item() - a / math.sqrt(3)) < 0.01  # 0.166; a normal 1/sqrt(k) draw has 0.2
+    # the N(0, 1/sqrt(k)) draw, kept as an option: wider, and not bounded by the xavier interval
+    n = _wide_wfm(inter_block_init="normal")
+    assert abs(n.std().item() - 1 / math.sqrt(k)) < 0.01
+    assert (n.abs() > a).sum() > 100  # ~15% of normal draws lie outside (-a, a)
+    # ViT-B (k = 13 maps with the input, 12 decoder blocks): the default stays inside the xavier bound
+    # (a normal 1/sqrt(13) draw of 156 values leaves it with probability 1 - 4e-6)
+    torch.manual_seed(0)
+    vb = create_model("crossmae_vit_base_patch16", use_input=True).wfm.linear.weight
+    assert vb.abs().max() <= math.sqrt(6 / (13 + 12))
+    with pytest.raises(ValueError, match="unknown inter-block attention init 'kaiming'"):
+        tiny(inter_block_init="kaiming")
     s = tiny(fm_mode="softmax").wfm.weights()
     assert torch.allclose(s.sum(dim=1), torch.ones(s.shape[0]))
 

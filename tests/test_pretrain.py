@@ -95,19 +95,46 @@ def test_tensorboard_scalars(straight):
 
 
 def test_parameter_groups_follow_mae(straight):
-    """No weight decay on biases and 1-D (norm) parameters; 0.05 on everything else; frozen sin-cos
-    position embeddings are not optimised."""
+    """No weight decay on biases and 1-D (norm) parameters; 0.05 on everything else -- cls_token,
+    mask_token and wfm.linear.weight included, as both official codes (timm ``add_weight_decay`` with
+    no skip list); frozen sin-cos position embeddings are not optimised."""
     out, _ = straight
     ckpt = safe_torch_load(out / LATEST)
     model = create_model("crossmae_vit_tiny_patch16", img_size=64, decoder_depth=2, use_input=True)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    no_decay = sum(1 for n, p in params if p.ndim <= 1 or n.endswith(".bias"))
+    decayed = [(n, p) for n, p in params if p.ndim > 1 and not n.endswith(".bias")]
+    assert {"cls_token", "mask_token", "wfm.linear.weight"} <= {n for n, _ in decayed}
     groups = {g["weight_decay"]: len(g["params"]) for g in ckpt["optimizer"]["param_groups"]}
-    assert groups == {0.0: no_decay, 0.05: len(params) - no_decay}
+    assert groups == {0.0: len(params) - len(decayed), 0.05: len(decayed)}
+    # which tensors the decayed group holds: its Adam moments, in model order, have exactly the shapes of
+    # the expected list (the (1, 1, 64) tokens and the (2, 5) inter-block weight among them)
+    group = next(g for g in ckpt["optimizer"]["param_groups"] if g["weight_decay"] == 0.05)
+    shapes = [tuple(ckpt["optimizer"]["state"][i]["exp_avg"].shape) for i in sorted(group["params"])]
+    assert shapes == [tuple(p.shape) for _, p in decayed]
     assert ckpt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
 
 
-def test_interrupted_run_resumes_to_identical_losses_and_weights(straight, tmp_path, data_root, monkeypatch):
+def test_scaler_entry_is_accepted_by_an_enabled_grad_scaler(straight):
+    """The official resume (``util/misc.load_model``) feeds ``checkpoint['scaler']`` to an enabled
+    GradScaler, which refuses the empty state of a disabled one; our fp32/bf16 checkpoints carry a
+    fresh scaler's state instead."""
+    out, _ = straight
+    entry = safe_torch_load(out / LATEST)["scaler"]
+    assert set(entry) == {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        with pytest.raises(RuntimeError, match="The source state dict is empty"):
+            torch.amp.GradScaler(device).load_state_dict({})  # what the official resume did with ours
+        scaler = torch.amp.GradScaler(device, init_scale=2.0, growth_interval=7)
+        scaler.load_state_dict(entry)
+        assert scaler.state_dict() == torch.amp.GradScaler(device).state_dict()  # a fresh default scaler
+    # an enabled (fp16) scaler's own state is stored as it is
+    live = torch.amp.GradScaler("cpu", init_scale=8.0)
+    assert pretrain.scaler_entry(live) == live.state_dict() and live.state_dict()["scale"] == 8.0
+
+
+def test_interrupted_run_resumes_to_identical_losses_and_weights(straight, tmp_path, data_root, monkeypatch,
+                                                                 optimizer_steps):
     out_ref, _ = straight
     out = tmp_path / "run"
     real = pretrain.train_one_epoch
@@ -121,12 +148,21 @@ def test_interrupted_run_resumes_to_identical_losses_and_weights(straight, tmp_p
     with pytest.raises(KeyboardInterrupt):
         run(out, data_root, "epochs=3", "tensorboard=True", "snapshot_freq=2", "deterministic=True")
     assert safe_torch_load(out / LATEST)["epoch"] == 1
+    first = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in first] == [0, 1]
     assert not (out / "metrics.json").exists()
     # between the two processes' worth of work, disturb every global RNG: resume must not depend on them
     torch.manual_seed(12345)
     torch.rand(7)
     monkeypatch.setattr(pretrain, "train_one_epoch", real)
+    optimizer_steps.reset()
     run(out, data_root, "epochs=3", "tensorboard=True", "snapshot_freq=2", "deterministic=True")
+    # the resumed process started after epoch 1 (its checkpoint) and did only epoch 2: 2 optimizer steps
+    # (a restart would redo all 3 epochs, 6 steps, and -- deterministic -- reach the same numbers)
+    assert optimizer_steps.n == 2
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1, 2]
+    assert lines[:2] == first  # epochs 0-1 are the first process's records, carried over, not redone
 
     ref = [json.loads(x)["loss"] for x in (out_ref / "log.jsonl").read_text().splitlines()]
     got = [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()]
@@ -137,15 +173,20 @@ def test_interrupted_run_resumes_to_identical_losses_and_weights(straight, tmp_p
     assert "resumed from" in (out / "log.txt").read_text()
 
 
-def test_explicit_resume_file_continues_in_a_new_directory(straight, tmp_path, data_root):
+def test_explicit_resume_file_continues_in_a_new_directory(straight, tmp_path, data_root, optimizer_steps):
     """--resume FILE (used when the new folder has no checkpoint) continues after that file's epoch and
     lands on the same weights as the uninterrupted run."""
     src, _ = straight
+    assert safe_torch_load(src / "checkpoint-1.pth")["epoch"] == 1
     out = tmp_path / "continued"
+    optimizer_steps.reset()
     run(out, data_root, "epochs=3", "snapshot_freq=2", "deterministic=True",
         extra=["--resume", str(src / "checkpoint-1.pth")])
+    assert optimizer_steps.n == 2  # only epoch 2 was trained here
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [0, 1, 2]  # history carried over from the file
+    ref = [json.loads(x) for x in (src / "log.jsonl").read_text().splitlines()]
+    assert lines[:2] == ref[:2]
     a, b = safe_torch_load(src / "checkpoint-2.pth")["model"], safe_torch_load(out / "checkpoint-2.pth")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 

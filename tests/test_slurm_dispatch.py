@@ -119,8 +119,9 @@ def test_cancel_marks_unstarted_tasks_and_never_touches_finished_ones(tmp_path, 
 
 
 def test_selftest_rejects_unknown_option(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         selftest.main(["--output-dir", str(tmp_path), "--cfg-options", "nope=1"])
+    assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --cfg-options nope: unknown key (known: batch, dim, " \
                                               "fail_at_step, lr, step_seconds, steps)"
 

@@ -12,6 +12,8 @@ weight_fm = True                      # inter-block attention
 use_fm = [-1]                         # encoder blocks fused; [-1] = all
 use_input = True                      # also fuse the patch-embedding output (official "-ui" checkpoints)
 fm_mode = 'linear'                    # linear | softmax (Table 8) | lp (Table 9)
+inter_block_init = 'xavier_uniform'   # xavier_uniform (what the official code trains from: its later
+                                      # self.apply(_init_weights) overwrites the N(0, 1/sqrt(k)) draw) | normal
 self_attn = False                     # decoder self-attention among queries (Table 3a ablation)
 norm_pix_loss = True
 masking = 'random'                    # random | grid
@@ -28,7 +30,8 @@ blr = 1.5e-4                          # base lr per 256 images
 lr = None                             # absolute lr; None: blr * total/256 * γ/p
 lr_scale_by_ratio = True              # the γ/p factor (official --no_lr_scale disables it)
 min_lr = 0.0
-weight_decay = 0.05                   # not applied to biases, norms, 1-D params, tokens
+weight_decay = 0.05                   # not applied to biases and 1-D params (norms); applied to cls_token,
+                                      # mask_token and wfm.linear.weight, as both official codes
 betas = (0.9, 0.95)
 amp = 'bf16'                          # bf16 | fp16 | none (autocast on CUDA only; CPU runs fp32)
 
