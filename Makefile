@@ -15,5 +15,5 @@ demo: install
 
 test: install
 	-bash slurm/cluster.sh ensure
-	-command -v chromium >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null  # leaderboard.html test
+	-command -v chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }  # leaderboard.html test
 	CROSSMAE_DATA_ROOT=$(DATA_ROOT) $(PYTHON) -m pytest -q --durations=25

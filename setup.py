@@ -21,6 +21,8 @@ setup(
         "timm==1.0.31",
         "submitit==1.5.4",
         "pycocotools>=2.0.8",
+        # crossmae.zoo: hf:// and timm: downloads (hf_hub_download, endpoint read per call)
+        "huggingface_hub>=0.24",
         # polygon crop of the COCO LSJ (detectron2/fvcore CropTransform.apply_polygons uses shapely)
         "shapely>=2.0",
         # mmengine's Config (Python configs, _base_, --cfg-options); 0.10.x is the current line.
