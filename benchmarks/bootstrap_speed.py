@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import platform
 import time
 
 import numpy as np
+
+from crossmae.utils import atomic_write_json, check_writable, cli_entry
 
 
 def synthetic(n_images: int, seed: int = 0, noise=(0.08, 0.10)):
@@ -74,6 +75,7 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+@cli_entry
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bootstrap_speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=5000)
@@ -82,6 +84,7 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=None, help="processes (default: bootstrap_values' choice)")
     p.add_argument("--out", default="bootstrap_speed.json")
     a = p.parse_args(argv)
+    check_writable(a.out, "--out", folder=False)  # before any work
     from pycocotools.coco import COCO
 
     from benchmarks.bootstrap import CocoScorer, bootstrap_values, percentile_interval
@@ -113,8 +116,7 @@ def main(argv=None) -> dict:
     print(f"{a.images:>8} {rec['detections_per_backbone'][0]:>14} {a.resamples:>10} {t_eval:>11.1f} "
           f"{t_boot:>12.1f} {c_boot:>16.1f} {t_eval + t_boot:>8.1f}")
     print(f"APbox {full}; paired diff 95% CI {rec['diff_ci95']}")
-    with open(a.out, "w") as f:
-        json.dump(rec, f, indent=2)
+    atomic_write_json(rec, a.out)
     print(f"wrote {a.out}")
     return rec
 

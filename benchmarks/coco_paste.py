@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from crossmae.utils import check_writable, cli_entry
 
 
 def detectron2_paste():
@@ -107,6 +108,7 @@ def perfect_mask_ap(data_root: Path, paste, split: str = "val", inputs=None) -> 
     return {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("segm/")}
 
 
+@cli_entry
 def main(argv=None) -> dict:
     from crossmae.utils import atomic_write_json, resolve_data_root
 
@@ -116,6 +118,7 @@ def main(argv=None) -> dict:
     p.add_argument("--resample", default="soft", choices=["soft", "target"])
     p.add_argument("--out", default="output/benchmarks")
     args = p.parse_args(argv)
+    check_writable(args.out, "--out", folder=True)  # before any work
     root = resolve_data_root(args.data_root)
     inputs = perfect_inputs(root, args.split, args.resample)
     pastes = {"ours": ours_paste, "torchvision": torchvision_paste}

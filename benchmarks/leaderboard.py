@@ -41,7 +41,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from crossmae.utils import UserError, atomic_write_text, cli_entry, sha256_file
+from crossmae.utils import UserError, atomic_write_text, check_writable, cli_entry, sha256_file
 
 from . import bootstrap, reference
 
@@ -569,25 +569,15 @@ def check_out(out: Path) -> dict[str, Path]:
     Raises:
         UserError: one line naming ``--out`` and the problem.
     """
-    import tempfile
     if out.suffix != ".csv":
         raise UserError(f"--out {out}: must end in .csv")
     paths = {"csv": out, "paired": out.with_name(out.stem + "_paired.csv"), "md": out.with_suffix(".md"),
              "png": out.with_suffix(".png"), "html": out.with_suffix(".html")}
-    anc = out.parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
-        raise UserError(f"--out {out}: {anc} is not a folder")
     for p in paths.values():
-        if p.is_dir():
-            raise UserError(f"--out {out}: {p} is a folder")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".leaderboard-probe.", dir=anc)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot write in {anc} ({exc.strerror or exc})")
+        try:
+            check_writable(p, "leaderboard output", folder=False)
+        except UserError as exc:
+            raise UserError(f"--out {out}: {exc}") from None
     return paths
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from crossmae.utils import UserError, atomic_write_json, cli_entry, load_config
+from crossmae.utils import check_writable
 
 DEFAULT_OUT = Path("output/benchmarks/linprobe_speed")
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--output-dir", default=str(DEFAULT_OUT))
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    check_writable(args.output_dir, "--output-dir", folder=True)  # before any work
     if args.epochs <= 0:
         raise UserError(f"--epochs {args.epochs}: must be positive")
     if args.threads:

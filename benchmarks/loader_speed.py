@@ -49,6 +49,7 @@ import torch
 from crossmae.data import (EncodedPretrainFolder, GPUBatchAugment, PretrainImageFolder, build_pretrain_transform,
                            load_rgb, load_rgb_turbo)
 from crossmae.utils import UserError, atomic_write_json, cli_entry, resolve_data_root
+from crossmae.utils import check_writable
 
 DEFAULT_OUT = Path("output/benchmarks/loader_speed.json")
 PATHS = ("cpu-pil", "cpu-torchvision", "cpu-simplejpeg", "cpu-cv2", "gpu")
@@ -247,6 +248,7 @@ def _table(doc: dict) -> str:
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    check_writable(args.out, "--out", folder=False)  # before any work
     folder = resolve_data_root(args.data_root) / args.data_subdir
     if not folder.is_dir():
         raise UserError(f"{folder}: image folder does not exist (ImageFolder layout <class>/*.JPEG)")

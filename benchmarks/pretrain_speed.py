@@ -33,6 +33,8 @@ one-line ``UserError`` (exit 2) and nothing is written.
 """
 from __future__ import annotations
 
+from crossmae.utils import check_writable
+
 import argparse
 import contextlib
 import os
@@ -383,6 +385,7 @@ def environment(device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the results dict (also written to ``--out``)."""
     args = build_parser().parse_args(argv)
+    check_writable(args.out, "--out", folder=False)  # before any work
     for name in ("batch_size", "steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")

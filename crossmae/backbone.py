@@ -29,7 +29,6 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from .models import ARCHS, get_arch
-from .utils import UserError, atomic_save, cli_entry, safe_torch_load, sha256_file
+from .utils import UserError, atomic_save, check_writable, cli_entry, safe_torch_load, sha256_file
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.", "head.")
 DECODER_PREFIXES = ("decoder_", "mask_token", "dec_norms.", "wfm.")
@@ -583,22 +582,19 @@ def check_img_size(img_size, what: str = "--img-size") -> None:
 
 
 def check_output_file(out: str | Path) -> None:
-    """Refuse an output file path that cannot be written, before any work: an existing folder, a
-    parent that is a file, or a nearest existing parent folder without write permission.
+    """Refuse an export path that cannot be written, before any work
+    (:func:`crossmae.utils.check_writable`; a folder gets a hint to name the file).
 
     Raises:
-        UserError: one line naming the path and the problem.
+        BackboneLoadError: one line naming the path and the problem.
     """
     out = Path(out)
     if out.is_dir():
         raise BackboneLoadError(f"{out}: is a folder; give the exported encoder's file name (e.g. {out / 'encoder.pth'})")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise BackboneLoadError(f"{out}: cannot write there: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BackboneLoadError(f"{out}: cannot write there: folder {parent} is not writable")
+    try:
+        check_writable(out, "export target", folder=False)
+    except UserError as exc:
+        raise BackboneLoadError(str(exc)) from None
 
 
 @cli_entry

@@ -19,13 +19,12 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .utils import (REPO_ROOT, UserError, atomic_write_json, atomic_write_text, config_hash, is_main_process,
+from .utils import (check_writable, REPO_ROOT, UserError, atomic_write_json, atomic_write_text, config_hash, is_main_process,
                     load_config, safe_torch_load, sha256_file)
 
 
@@ -97,32 +96,13 @@ def identity_hash(identity: dict) -> str:
 
 
 def check_output_dir(output_dir: str | Path) -> Path:
-    """Refuse an ``--output-dir`` that cannot hold a run, WITHOUT creating it.
-
-    The folder (or, when it does not exist yet, its nearest existing ancestor) must be a writable
-    directory; writability is probed with a temporary file that is removed at once (``os.access`` is
-    not enough for root or on network file systems).
+    """Refuse an ``--output-dir`` that cannot hold a run, WITHOUT creating it
+    (:func:`crossmae.utils.check_writable` with ``folder=True``).
 
     Raises:
         UserError: the path is a file, lies under a file, or is not writable.
     """
-    out = Path(output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: --output-dir exists and is not a folder")
-    anchor = out
-    while not anchor.exists():
-        if anchor.parent == anchor:
-            break
-        anchor = anchor.parent
-    if not anchor.is_dir():
-        raise UserError(f"{out}: --output-dir lies under {anchor}, which is not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=anchor)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f"{out}: --output-dir is not writable ({anchor}: {exc.strerror or exc})") from None
-    return out
+    return check_writable(output_dir, "--output-dir", folder=True)
 
 
 def _identity_diff(old: dict, new: dict) -> str:

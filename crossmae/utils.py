@@ -77,6 +77,40 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary:
     return path
 
 
+def check_writable(path: str | os.PathLike, what: str, *, folder: bool) -> Path:
+    """Refuse an output path that cannot be written, before any work and WITHOUT creating anything.
+
+    ``folder=True``: ``path`` is a folder to hold outputs (``--output-dir``); ``folder=False``: a file
+    to write. The path itself (for a folder) or its nearest existing ancestor must be a directory
+    this process can create files in; that is probed with a temporary file removed at once
+    (``os.access`` is not enough for root or on network file systems).
+
+    Args:
+        what: how the one-line error names the path (``"--output-dir"``, ``"--out"``, ``"export target"``).
+
+    Raises:
+        UserError: the path is a file where a folder is wanted (or a folder where a file is), lies
+            under a file, or is not writable.
+    """
+    path = Path(path).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{path}: {what} exists and is not a folder")
+    if not folder and path.is_dir():
+        raise UserError(f"{path}: {what} is a folder")
+    anchor = path if folder else path.parent
+    while not anchor.exists() and anchor.parent != anchor:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise UserError(f"{path}: {what} lies under {anchor}, which is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=anchor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{path}: {what} is not writable ({anchor}: {exc.strerror or exc})") from None
+    return path
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj, path)`` through a temporary file in the same folder and ``os.replace``.
 

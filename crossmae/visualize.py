@@ -60,6 +60,7 @@ import torch
 from .attention import record_attention
 from .models import ARCHS, CrossMAE, MAE, create_model, parse_model_name, random_masking
 from .utils import UserError, atomic_write_bytes, atomic_write_json, cli_entry, resolve_data_root, safe_torch_load
+from .utils import check_writable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -499,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     """Write the figures; returns the summary dict (also ``summary.json``)."""
     args = build_parser().parse_args(argv)
+    check_writable(args.output_dir, "--output-dir", folder=True)  # before any work
     if not args.mae and not args.crossmae:
         raise UserError("nothing to visualise: give --mae CKPT and/or --crossmae CKPT")
     if args.input_size is not None and args.input_size < 1:

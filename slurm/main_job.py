@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from crossmae.utils import REPO_ROOT, atomic_write_json, cli_entry, resolve_data_root
+from crossmae.utils import check_writable
 
 from benchmarks.suites import get_suite
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     from slurm.submit import dispatch, plan
 
     args = build_parser().parse_args(argv)
+    check_writable(args.output_dir, "--output-dir", folder=True)  # before any work
     opts = ClusterOptions(array_parallelism=args.array_parallelism, job_name="main")  # UserError when < 1
     t0 = time.time()
     data_root = str(resolve_data_root(args.data_root).resolve())

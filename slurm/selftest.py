@@ -16,6 +16,8 @@ Writes ``log.txt`` (one line per attempt: the step it started from) and, at the 
 """
 from __future__ import annotations
 
+from crossmae.utils import check_writable
+
 import argparse
 import os
 import platform
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         RuntimeError: at step ``fail_at_step`` of a run that did not resume (deliberate failure).
     """
     args = build_parser().parse_args(argv)
+    check_writable(args.output_dir, "--output-dir", folder=True)  # before any work
     cfg = _config(args)
     if args.backbone and not Path(args.backbone).exists():
         raise UserError(f"--backbone {args.backbone}: file not found")

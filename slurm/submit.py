@@ -36,6 +36,7 @@ from pathlib import Path
 
 from benchmarks.suites import Resources, Suite, TaskDef, get_suite
 from crossmae.utils import REPO_ROOT, UserError, atomic_write_json, cli_entry, resolve_data_root
+from crossmae.utils import check_writable
 
 from .executor import EXECUTORS, ClusterOptions, check_int, make_executor, resolve_executor
 from .tasks import METRICS_JSON, PRETRAIN_PREFIX, STATE_JSON, TASK_JSON, TaskRunner, TaskSpec, read_json, run_leaderboard, write_state
@@ -546,6 +547,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Plan, then submit (or print with ``--dry-run``). Returns ``{"executor", "jobs": {id: job id},
     "skipped", "results"}``."""
     args = build_parser().parse_args(argv)
+    check_writable(args.output_dir, "--output-dir", folder=True)  # before any work
     options_from_args(args, "local")  # numeric options checked before anything else (nothing written)
     suite = get_suite(args.suite)
     specs = specs_from_args(args, suite)

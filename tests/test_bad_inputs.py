@@ -225,7 +225,7 @@ def test_export_below_a_file_is_refused(tmp_path, tiny_mae_official, capsys):
     f.write_text("x")
     before = _tree(tmp_path)
     _fails(backbone.main, ["export", str(tiny_mae_official), str(f / "sub" / "enc.pth")], capsys,
-           f"{f / 'sub' / 'enc.pth'}: cannot write there: {f} is not a folder")
+           f"{f / 'sub' / 'enc.pth'}: export target lies under {f}, which is not a folder")
     assert _tree(tmp_path) == before
 
 
@@ -235,7 +235,7 @@ def test_export_where_nothing_can_be_created_is_refused(tiny_mae_official, capsy
     from crossmae import backbone
     target = Path("/proc/crossmae_export_test/enc.pth")
     msg = _fails(backbone.main, ["export", str(tiny_mae_official), str(target)], capsys, f"{target}: ")
-    assert "cannot write" in msg
+    assert "export target is not writable" in msg
     assert not target.parent.exists()
 
 
@@ -247,7 +247,7 @@ def test_export_into_read_only_folder_is_refused(tmp_path, tiny_mae_official, ca
     ro.chmod(0o555)
     try:
         _fails(backbone.main, ["export", str(tiny_mae_official), str(ro / "enc.pth")], capsys,
-               f"folder {ro} is not writable")
+               f"{ro / 'enc.pth'}: export target is not writable ({ro}: ")
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
@@ -415,3 +415,32 @@ def test_inat_command_refuses_renamed_val_categories(tmp_path, data_root, tiny_m
     main, argv = _inat_linprobe(out, root.parent, backbone=tiny_mae_official)
     _fails(main, argv, capsys, f"{root / 'val2019.json'}: categories differ", "'Vespa crabro'")
     assert not (out / "metrics.json").exists() and not list(out.glob("checkpoint*"))
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. an output path that cannot be written, for the commands outside the run lifecycle (the six task
+#    commands are covered in test_lifecycle.py): one check, crossmae.utils.check_writable
+# --------------------------------------------------------------------------------------------------
+_OUTPUT_COMMANDS = [
+    ("slurm.submit", ["--suite", "smoke"], "--output-dir", "run"),
+    ("slurm.main_job", [], "--output-dir", "run"),
+    ("slurm.selftest", [], "--output-dir", "run"),
+    ("crossmae.visualize", [], "--output-dir", "figs"),
+    ("benchmarks.linprobe_speed", [], "--output-dir", "bench"),
+    ("benchmarks.coco_paste", [], "--out", "bench"),
+    ("benchmarks.pretrain_speed", [], "--out", "speed.json"),
+    ("benchmarks.bootstrap_speed", [], "--out", "speed.json"),
+    ("benchmarks.loader_speed", [], "--out", "speed.json"),
+]
+
+
+@pytest.mark.parametrize("module, args, flag, name", _OUTPUT_COMMANDS, ids=[c[0] for c in _OUTPUT_COMMANDS])
+def test_output_path_under_a_file_is_refused_before_any_work(tmp_path, capsys, module, args, flag, name):
+    import importlib
+    main = importlib.import_module(module).main
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    before = _tree(tmp_path)
+    target = f / name
+    _fails(main, [*args, flag, str(target)], capsys, f"{target}: {flag} lies under {f}, which is not a folder")
+    assert _tree(tmp_path) == before

@@ -153,11 +153,11 @@ def test_unwritable_out_is_one_line_exit_2_and_writes_nothing(tmp_path, ckpts, c
         (tmp_path / "afile").write_text("x")
         out, what = tmp_path / "afile" / "lb.csv", "is not a folder"
     elif case == "read_only_folder":
-        out, what = Path("/sys/lb.csv"), "cannot write in /sys"  # read-only even for root
+        out, what = Path("/sys/lb.csv"), "leaderboard output is not writable (/sys: "  # read-only even for root
     else:
         (tmp_path / "res").mkdir()
         (tmp_path / "res" / "lb.md").mkdir()  # the Markdown would land on a folder
-        out, what = tmp_path / "res" / "lb.csv", "lb.md is a folder"
+        out, what = tmp_path / "res" / "lb.csv", "lb.md: leaderboard output is a folder"
     before_root, before_tmp = _snapshot(root), sorted(str(p) for p in tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as e:
         lb_main([str(root), "--out", str(out), "--resamples", "10"])
