@@ -240,21 +240,11 @@ class CocoScorer:
     REC_THRS = np.linspace(0.0, 1.0, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)  # as COCOeval
 
     def __init__(self, gt, results: list[dict], iou_type: str, img_ids=None):
-        from pycocotools.cocoeval import COCOeval
+        from transfer.vitdet.evaluate import cocoeval_matched
         if not results:
             raise UserError("COCO predictions: empty results list")
-        res = [dict(r) for r in results]
-        if iou_type == "bbox":
-            for r in res:
-                r.pop("segmentation", None)
-        buf = io.StringIO()
         try:
-            with contextlib.redirect_stdout(buf):
-                dt = gt.loadRes(res)
-                ev = COCOeval(gt, dt, iou_type)
-                if img_ids is not None:
-                    ev.params.imgIds = sorted(set(int(i) for i in img_ids))
-                ev.evaluate()
+            ev = cocoeval_matched(gt, results, iou_type, None if img_ids is None else [int(i) for i in img_ids])
         except (KeyError, TypeError, ValueError, IndexError, AssertionError) as exc:
             raise UserError(f"COCO predictions: cannot evaluate ({type(exc).__name__}: {exc})")
         p = ev.params

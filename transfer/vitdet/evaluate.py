@@ -52,6 +52,35 @@ def instances_to_coco_json(det: dict, image_id: int, label_to_cat_id) -> list[di
     return out
 
 
+def cocoeval_matched(gt, results: list[dict], iou_type: str, img_ids=None, log: io.StringIO | None = None):
+    """A ``pycocotools`` ``COCOeval`` of ``results`` against ``gt`` after ``evaluate()`` (the per-image,
+    per-category matching; ``accumulate()`` not yet run), with COCOeval's prints sent to ``log``.
+
+    The one place a COCO evaluation is set up: the task's metrics (:func:`coco_evaluate`) and the
+    leaderboard's bootstrap (``benchmarks.bootstrap.CocoScorer``) both start from it.
+
+    Args:
+        gt: a ``pycocotools.coco.COCO``. results: COCO results entries (:func:`instances_to_coco_json`);
+            for ``bbox`` their segmentations are dropped first (``loadRes`` would derive the boxes from
+            the masks otherwise, as detectron2 drops them). iou_type: ``"bbox"`` / ``"segm"``.
+        img_ids: the images to evaluate (COCOeval sorts and de-duplicates them); default all of ``gt``.
+    Returns:
+        the ``COCOeval`` object (``evalImgs``, ``params`` filled).
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    res = [dict(r) for r in results]
+    if iou_type == "bbox":
+        for r in res:
+            r.pop("segmentation", None)
+    with contextlib.redirect_stdout(log if log is not None else io.StringIO()):
+        ev = COCOeval(gt, gt.loadRes(res), iou_type)
+        if img_ids is not None:
+            ev.params.imgIds = list(img_ids)
+        ev.evaluate()
+    return ev
+
+
 def coco_evaluate(ann_file: str | Path, results: list[dict], iou_types=("bbox", "segm"),
                   img_ids: list[int] | None = None) -> tuple[dict, dict, str]:
     """Run COCOeval for each IoU type.
@@ -65,7 +94,6 @@ def coco_evaluate(ann_file: str | Path, results: list[dict], iou_types=("bbox", 
         ``log`` is COCOeval's printed summary. Without any result every metric is NaN (detectron2).
     """
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -77,16 +105,8 @@ def coco_evaluate(ann_file: str | Path, results: list[dict], iou_types=("bbox", 
             metrics.update({f"{t}/{n}": float("nan") for n in METRIC_NAMES})
             per_cat[t] = {}
             continue
-        res = [dict(r) for r in results]
-        if t == "bbox":
-            for r in res:
-                r.pop("segmentation", None)  # loadRes derives boxes from segms otherwise
+        ev = cocoeval_matched(gt, results, t, img_ids, log=buf)
         with contextlib.redirect_stdout(buf):
-            dt = gt.loadRes(res)
-            ev = COCOeval(gt, dt, t)
-            if img_ids is not None:
-                ev.params.imgIds = list(img_ids)
-            ev.evaluate()
             ev.accumulate()
             ev.summarize()
         for i, n in enumerate(METRIC_NAMES):
