@@ -132,15 +132,23 @@ class CheckpointManager:
     def latest_path(self) -> Path:
         return self.dir / LATEST
 
-    def save(self, state: dict, step: int | None = None, periodic: bool = False, label: str | None = None) -> Path:
+    def save(self, state: dict, step: int | None = None, periodic: bool = False, label: str | None = None,
+             write: bool = True) -> Path:
         """Write ``state`` (plus the RNG snapshot) as ``checkpoint-latest.pth``; with ``periodic``
         also as ``checkpoint-<step>.pth``. Returns the latest path.
+
+        Under DDP every rank calls it with the same state and ``write=is_main_process()``: every rank
+        checks the state (so an unhealthy one stops all of them together) and records the checkpoint
+        as its last good one, and only the main rank writes the file.
 
         Raises:
             TrainingDivergedError: a model / optimizer tensor is NaN/inf (nothing is written).
         """
         label = label or (f"step {step}" if step is not None else "checkpoint")
         self.check_finite(state, label)
+        if not write:
+            self.last_good = f"{self.latest_path} ({label}, written by the main process)"
+            return self.latest_path
         state = dict(state)
         state.setdefault("rng", rng_state())
         if periodic and step is not None:

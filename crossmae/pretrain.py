@@ -538,9 +538,8 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
                 snapshot = final or (cfg.snapshot_freq and (epoch + 1) % int(cfg.snapshot_freq) == 0)
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                          "scaler": scaler_entry(scaler), "args": ns, "config": cfg_dict, "history": history}
-                ckpts.check_finite(state, f"epoch {epoch}")  # on every rank: unhealthy weights stop all of them
-                if main_proc:
-                    ckpts.save(state, step=epoch, periodic=bool(snapshot), label=f"epoch {epoch}")
+                # every rank checks (unhealthy weights stop all of them); the main process writes
+                ckpts.save(state, step=epoch, periodic=bool(snapshot), label=f"epoch {epoch}", write=main_proc)
             if main_proc:
                 atomic_write_text("".join(_json_line(h) for h in history), output_dir / "log.jsonl")
             if world > 1:

@@ -329,6 +329,20 @@ def test_checkpoint_manager_refuses_unhealthy_states(tmp_path):
     assert nonfinite_tensors({"a": torch.tensor([WEIGHT_LIMIT * 2])}, limit=WEIGHT_LIMIT) == ["a"]
 
 
+def test_other_ranks_check_every_state_and_name_the_main_process_checkpoint(tmp_path):
+    """DDP: every rank calls save(write=is_main); a non-main rank writes nothing, refuses an unhealthy
+    state like the main rank, and its divergence error names the checkpoint the main rank wrote."""
+    main_ck, other_ck = CheckpointManager(tmp_path / "main"), CheckpointManager(tmp_path / "other")
+    state = {"model": {"w": torch.ones(3)}, "optimizer": {}, "epoch": 0}
+    main_ck.save(state, step=0, label="epoch 0")
+    assert other_ck.save(state, step=0, label="epoch 0", write=False) == other_ck.latest_path
+    assert list((tmp_path / "other").iterdir()) == []
+    with pytest.raises(TrainingDivergedError, match=rf"last good checkpoint kept: {other_ck.latest_path} \(epoch 0"):
+        other_ck.save({"model": {"w": torch.tensor([float("nan")])}, "optimizer": {}, "epoch": 1},
+                      step=1, label="epoch 1", write=False)
+    assert list((tmp_path / "other").iterdir()) == []
+
+
 DIVERGE = {"pretrain": ["lr=1e36", "warmup_epochs=0", "epochs=2", "data_subset=8"],
            "coco": ["optim.lr=1e36", "train.max_iter=3", "optim.warmup_iters=0"],
            "ade20k": ["optimizer.lr=1e36", "schedule.warmup_iters=0", "schedule.max_iters=3"],

@@ -360,10 +360,9 @@ def _run(args, cfg, out: Path, run, log, train_ds, val_ds, class_names, device, 
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                          "iter": it, "epoch": 0, "wall_time_s": prev_wall + time.time() - t_start,
                          "config_hash": config_hash(cfg.to_dict())}
-                ckpt.check_finite(state, f"iteration {it}")  # every rank: all stop together
-                if is_main_process():
-                    ckpt.save(state, step=it, periodic=it % int(cfg.train.checkpoint_interval) == 0,
-                              label=f"iteration {it}")
+                # every rank checks (all stop together); the main process writes
+                ckpt.save(state, step=it, periodic=it % int(cfg.train.checkpoint_interval) == 0,
+                          label=f"iteration {it}", write=is_main_process())
                 if world > 1:
                     dist.barrier()
             vi = int(cfg.train.get("val_interval") or 0)

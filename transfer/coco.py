@@ -344,9 +344,9 @@ def _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_s
                          "scaler": scaler.state_dict() if scaler else None, "iter": it, "epoch": it,
                          "backbone_report": report_dict, "config_hash": metrics_common["config_hash"],
                          "wall_time_s": elapsed_prev + time.time() - t_start}
-                ckpt.check_finite(state, f"iteration {it}")  # every rank: all stop together
-                if rank == 0:
-                    ckpt.save(state, step=it, periodic=it % tc.checkpoint_period == 0, label=f"iteration {it}")
+                # every rank checks (all stop together); rank 0 writes
+                ckpt.save(state, step=it, periodic=it % tc.checkpoint_period == 0, label=f"iteration {it}",
+                          write=rank == 0)
             if tc.eval_period and it % tc.eval_period == 0 and it != max_iter:
                 m, _ = evaluate(train_model, val_set, device, cfg, out, f"_{it}", log)
                 if rank == 0:
