@@ -52,10 +52,10 @@ import torch
 from . import engine
 from .checkpoint import CheckpointManager, TrainingDivergedError, unwrap  # noqa: F401  (re-exported)
 from .runs import RunDir, code_version, provenance
-from .utils import (REPO_ROOT, UserError, atomic_write_json, atomic_write_text, cli_entry, config_hash,
+from .utils import (REPO_ROOT, UserError, atomic_write_text, cli_entry, config_hash,
                     init_distributed, is_main_process, load_config, resolve_data_root, safe_torch_load,
                     check_compile_option, maybe_compile, seed_everything, seed_worker, sha256_file)
-from .zoo import is_uri, resolve_backbone
+from .zoo import resolve_backbone
 
 PRESET_DIR = REPO_ROOT / "configs" / "pretrain"
 DEFAULT_CONFIG = "paper_crossmae_vit_base"
@@ -431,10 +431,8 @@ def _main(argv: list[str] | None) -> dict:
     lr = float(cfg.lr) if cfg.lr is not None else scaled_lr(
         cfg.blr, effective, cfg.mask_ratio, plan.kept_mask_ratio, cfg.lr_scale_by_ratio)
     if args.backbone:
-        if not is_uri(args.backbone) and not Path(args.backbone).is_file():
-            raise UserError(f"--backbone {args.backbone}: checkpoint file not found")
-        # zoo: / hf:// / timm: / http(s):// are downloaded once into the cache; read (and checked)
-        # before anything is written
+        # a path, or zoo: / hf:// / timm: / http(s):// (downloaded once into the cache), resolved like
+        # every command's --backbone; read and checked before anything is written
         _init_from_backbone(resolve_backbone(args.backbone), model)
 
     run.start()

@@ -17,6 +17,7 @@ Writes ``log.txt`` (one line per attempt: the step it started from) and, at the 
 from __future__ import annotations
 
 from crossmae.utils import check_writable
+from crossmae.zoo import resolve_backbone
 
 import argparse
 import os
@@ -82,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     check_writable(args.output_dir, "--output-dir", folder=True)  # before any work
     cfg = _config(args)
-    if args.backbone and not Path(args.backbone).exists():
-        raise UserError(f"--backbone {args.backbone}: file not found")
+    backbone_file = resolve_backbone(args.backbone) if args.backbone else None  # as every task resolves it
     out = Path(args.output_dir)
     rank, world, _ = init_distributed("gloo")
     t0 = time.time()
@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {"mse": float(((x @ w - y) ** 2).mean()), "w_err": float((w - w_true).norm())}
     result = {
         "task": "selftest" if args.backbone else "pretrain", "protocol": "lstsq", "metrics": metrics,
-        "backbone": args.backbone, "backbone_sha256": sha256_file(args.backbone) if args.backbone
-        and Path(args.backbone).is_file() else None, "backbone_report": None,
+        "backbone": args.backbone, "backbone_sha256": sha256_file(backbone_file) if backbone_file else None, "backbone_report": None,
         "config_hash": config_hash(cfg), "seed": args.seed, "iters": cfg["steps"],
         "wall_time_s": prev_wall + time.time() - t0, "device": "cpu", "num_gpus": 0,
         "world_size": world, "code_version": "unknown", "host": platform.node(),

@@ -29,8 +29,8 @@ import torch
 
 from crossmae import engine
 from crossmae.checkpoint import CheckpointManager, unwrap
-from crossmae.utils import (REPO_ROOT, UserError, atomic_save, atomic_write_json, atomic_write_text, cli_entry,
-                            config_hash, init_distributed, is_main_process, load_config, resolve_data_root,
+from crossmae.utils import (REPO_ROOT, UserError, atomic_save, atomic_write_json, cli_entry,
+                            config_hash, init_distributed, load_config, resolve_data_root,
                             safe_torch_load, seed_everything, seed_worker, sha256_file)
 from crossmae.runs import RunDir, close_logger, code_version, default_preset, get_logger, provenance
 

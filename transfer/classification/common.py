@@ -5,7 +5,6 @@ every command; this module adds what only classification needs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,10 @@ from typing import Any
 import torch
 
 from crossmae.lr_sched import adjust_learning_rate, lr_at  # noqa: F401  (MAE util/lr_sched.py)
-from crossmae.checkpoint import TrainingDivergedError
 from crossmae.runs import (Timer, amp_dtype_for, backbone_sha, build_parser, close_logger, code_version,  # noqa: F401
                            default_preset, device_name, finish_run, get_logger, prepare_run, provenance, report_dict,
                            resolve_config, tb_writer)
-from crossmae.utils import REPO_ROOT, UserError, atomic_write_json, default_device, load_config, seed_worker
+from crossmae.utils import REPO_ROOT, UserError, atomic_write_json, default_device, seed_worker
 
 from .data import ShardSampler
 
@@ -99,7 +97,6 @@ def write_predictions(run, rows: list[tuple], data, data_root) -> str:
     (main process) and return its path relative to the run folder. ``rows``: :func:`top5_rows` of
     the evaluation split ``data`` (a ``ClassificationData``), in any order; image paths are written
     relative to ``data_root`` when below it."""
-    from pathlib import Path
     rows = sorted(rows, key=lambda r: r[0])
     root = Path(data_root).resolve()
 
@@ -116,7 +113,6 @@ def write_predictions(run, rows: list[tuple], data, data_root) -> str:
 def data_provenance(cfg, data_root, train, val) -> dict:
     """The provenance keys of ``metrics.json`` for a classification run: the list / json files the
     splits were read from (and Places365's category file), image counts."""
-    from pathlib import Path
     files = [train.source, val.source]
     if cfg.data.get("type") == "places365":
         from .data import PLACES_CATEGORIES

@@ -17,8 +17,7 @@ import torch.nn as nn
 
 from crossmae.checkpoint import CheckpointManager, unwrap
 from crossmae.lr_sched import vit_layer_id
-from crossmae.utils import (UserError, init_distributed, maybe_compile, resolve_data_root, seed_everything,
-                            seed_worker)
+from crossmae.utils import UserError, init_distributed, maybe_compile, resolve_data_root, seed_everything
 
 from . import common as C
 from .data import ImageDataset, eval_transform, finetune_train_transform, load_train_val

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crossmae.checkpoint import CheckpointManager, unwrap
-from crossmae.utils import (UserError, atomic_write_bytes, atomic_write_json, cli_entry, init_distributed, resolve_data_root,
+from crossmae.utils import (UserError, atomic_write_bytes, atomic_write_json, init_distributed, resolve_data_root,
                             seed_everything)
 
 from . import common as C
