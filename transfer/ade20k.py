@@ -138,7 +138,7 @@ def predict(model: UperNet, imgs: list[torch.Tensor], out_size: tuple[int, int],
         x = img.unsqueeze(0).to(dev)
         for flip in flips:
             xi = x.flip(-1) if flip else x
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with engine.autocast(dev, amp_dtype):
                 logits = model.inference(xi, t.mode, tuple(t.crop_size), tuple(t.stride))
             logits = logits.float()
             if flip:

@@ -19,7 +19,6 @@ The run resumes from ``<output-dir>/checkpoint-latest.pth`` when it exists (requ
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import time
@@ -80,10 +79,11 @@ def _to_device(item: dict, device: torch.device) -> tuple[torch.Tensor, dict | N
 
 
 def _amp(device: torch.device, tcfg: dict):
+    """The autocast context of ``tcfg`` (``amp``, ``amp_dtype``): CUDA only, else none."""
+    dtype = None
     if device.type == "cuda" and tcfg.get("amp", False):
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[tcfg.get("amp_dtype", "bfloat16")]
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+    return engine.autocast(device, dtype)
 
 
 def load_detector_weights(model: torch.nn.Module, path: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from crossmae import engine
 from crossmae.lr_sched import adjust_learning_rate, lr_at  # noqa: F401  (MAE util/lr_sched.py)
 from crossmae.runs import (Timer, amp_dtype_for, backbone_sha, build_parser, close_logger, code_version,  # noqa: F401
                            default_preset, device_name, finish_run, get_logger, prepare_run, provenance, report_dict,
@@ -60,7 +61,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype=Non
     rows, pos = [], 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with engine.autocast(device, amp_dtype):
             out = model(x)
         out = out.float()
         c1, c5 = topk_correct(out, y)

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from crossmae import engine
 from crossmae.checkpoint import CheckpointManager, unwrap
 from crossmae.utils import (UserError, atomic_write_bytes, atomic_write_json, init_distributed, resolve_data_root,
                             seed_everything)
@@ -113,7 +114,7 @@ def _mae_probe(ctx) -> tuple[dict, dict]:
 
     def loss_fn(x, y):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with engine.autocast(device, amp):
             with torch.no_grad():
                 f = model.encoder(x, -1, cfg.global_pool)
             return criterion(head(f.float()), y)
