@@ -254,3 +254,42 @@ def test_paper_presets_carry_reference_values():
         d = c(f"{ds}/paper_vit_base.py")
         assert d.data.num_classes == n and d.blr == 5e-4 and d.family == "finetune"
         assert c(f"{ds}/linprobe_paper_vit_base.py").family == "linprobe"
+
+
+# ------------------------------------------------------------------ the probe's crop (MAE util/crop.py)
+def test_probe_crop_is_one_clamped_draw(data_root):
+    """``ClampedRandomResizedCrop``: equal to torchvision's crop whenever torchvision's first draw fits
+    (same random numbers, same order), otherwise the first draw with the overflowing side clamped to the
+    image — never a retry or a centre-crop fallback. Real images: 4:3, square, wide."""
+    from torchvision import transforms as T
+
+    from crossmae.data import load_rgb
+    from transfer.classification.data import ClampedRandomResizedCrop, linprobe_train_transform
+    assert isinstance(linprobe_train_transform(32).transforms[0], ClampedRandomResizedCrop)
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    fits = clamped = 0
+    for rel in ("n04443257/n04443257_tobacco_shop.JPEG", "n04254680/n04254680_soccer_ball.JPEG",
+                "n01882714/n01882714_koala.JPEG"):
+        img = load_rgb(str(data_root / "imagenet" / "train" / rel))
+        W, H = img.size
+        for k in range(60):
+            torch.manual_seed(k)
+            top, left, h, w = ClampedRandomResizedCrop.get_params(img, scale, ratio)
+            after = torch.rand(1)  # the generator advanced by exactly the draws of one attempt
+            torch.manual_seed(k)
+            tv = T.RandomResizedCrop.get_params(img, list(scale), list(ratio))
+            assert 0 <= top <= H - h and 0 <= left <= W - w and h >= 1 and w >= 1
+            if h < H and w < W:  # nothing clamped: torchvision's first attempt fitted too
+                assert (top, left, h, w) == tv
+                fits += 1
+            else:  # clamped: one side spans the image, the other keeps the drawn aspect ratio
+                assert h == H or w == W
+                clamped += 1
+            torch.manual_seed(k)
+            for _ in range(2):
+                torch.empty(1).uniform_(0, 1)
+            torch.randint(0, 2, (1,)), torch.randint(0, 2, (1,))
+            assert torch.equal(after, torch.rand(1))
+    assert fits > 60 and clamped > 20, (fits, clamped)
+    out = ClampedRandomResizedCrop(48)(img)
+    assert out.size == (48, 48)

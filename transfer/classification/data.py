@@ -412,11 +412,62 @@ def _posterize_compat(transform):
     return transform
 
 
+class ClampedRandomResizedCrop(torch.nn.Module):
+    """RandomResizedCrop with ONE draw whose width and height are clamped to the image: the crop of
+    MAE's linear probe (facebookresearch/mae ``util/crop.py``, after BYOL's TF/TPU crop).
+
+    torchvision's ``RandomResizedCrop`` retries up to 10 draws until the box fits and then falls back
+    to a centre crop; this one draws once: area fraction ``s ~ U(scale)``, log aspect ratio
+    ``~ U(log ratio)``, ``w = round(sqrt(s·H·W·r))``, ``h = round(sqrt(s·H·W/r))``, then
+    ``w = min(w, W)``, ``h = min(h, H)``, top ``~ randint(0, H-h)``, left ``~ randint(0, W-w)``. The
+    random numbers are drawn from torch's global generator in torchvision's order, so a seeded crop
+    equals the official one on every image shape (``tests/test_cls_parity.py``).
+
+    Input: a PIL image or a (…, H, W) tensor; output: the crop resized to ``size`` (bicubic by
+    default, antialiased as torchvision's ``resized_crop``).
+    """
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=None):
+        from torchvision.transforms import InterpolationMode
+        super().__init__()
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.interpolation = InterpolationMode.BICUBIC if interpolation is None else interpolation
+
+    @staticmethod
+    def get_params(img, scale, ratio) -> tuple[int, int, int, int]:
+        """``(top, left, height, width)`` of one crop of ``img`` (module docstring); consumes two
+        uniform draws and two ``randint`` draws of torch's global generator."""
+        import math
+        from torchvision.transforms import functional as F
+        width, height = F.get_image_size(img)
+        s = torch.empty(1).uniform_(scale[0], scale[1]).item()
+        log_lo, log_hi = torch.log(torch.tensor(ratio))
+        r = torch.exp(torch.empty(1).uniform_(log_lo, log_hi)).item()
+        area = s * (height * width)
+        w = min(int(round(math.sqrt(area * r))), width)
+        h = min(int(round(math.sqrt(area / r))), height)
+        top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+        left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+        return top, left, h, w
+
+    def forward(self, img):
+        from torchvision.transforms import functional as F
+        top, left, h, w = self.get_params(img, self.scale, self.ratio)
+        return F.resized_crop(img, top, left, h, w, list(self.size), self.interpolation, antialias=True)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+                f"interpolation={self.interpolation.value})")
+
+
 def linprobe_train_transform(input_size: int):
-    """MAE ``main_linprobe.py``: RandomResizedCrop(size, bicubic) + RandomHorizontalFlip only."""
+    """MAE ``main_linprobe.py`` probe augmentation: :class:`ClampedRandomResizedCrop` (MAE
+    ``util/crop.py``: one draw, clamped; scale 0.08–1, bicubic) + RandomHorizontalFlip, then
+    ToTensor + ImageNet Normalize. Output (3, size, size) float."""
     from torchvision import transforms as T
-    return T.Compose([T.RandomResizedCrop(input_size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose([ClampedRandomResizedCrop(input_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def describe_transform(t) -> str:
