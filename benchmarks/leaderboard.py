@@ -554,13 +554,13 @@ def _panels(rows):
                          key=lambda c: tuple(map(str, c)))
 
 
-def plot(rows: list[dict], path: Path) -> Path:
-    """One panel per task × protocol × config × headline metric (:data:`HEADLINE`; all metrics when
-    none is present), each on its own axis: one bar per backbone (mean), error bar = the 95 %
-    bootstrap interval where known, else ± standard error. A non-finite mean gets no bar (its value,
-    ``nan`` / ``inf``, is written at its place) and no part in the axis limits; every name from the
-    runs' files is drawn as plain text (no mathtext, no TeX: a ``$`` is a dollar sign). Atomic
-    write."""
+def plot_figure(rows: list[dict]):
+    """The leaderboard's figure (a matplotlib ``Figure``; the caller closes it): one panel per task ×
+    protocol × config × headline metric (:data:`HEADLINE`; all metrics when none is present), each
+    on its own axis: one bar per backbone (mean), error bar = the 95 % bootstrap interval where
+    known, else ± standard error. A non-finite mean gets no bar (its value, ``nan`` / ``inf``, is
+    written at its place) and no part in the axis limits; every name from the runs' files is drawn
+    as plain text (``usetex`` and ``parse_math`` off: a ``$`` is a dollar sign, never mathtext)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -602,9 +602,18 @@ def plot(rows: list[dict], path: Path) -> Path:
                  if ncol == 1 else "MAE (blue) vs CrossMAE (orange): mean, 95 % bootstrap interval (else ± s.e.)",
                  fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """:func:`plot_figure` written to ``path`` as PNG (atomic: a temporary file, then renamed)."""
+    import matplotlib.pyplot as plt
+    fig = plot_figure(rows)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     os.replace(tmp, path)
     return path
 
