@@ -10,15 +10,21 @@ skipped with a one-line warning naming it. Writes, next to ``--out`` (default
     leaderboard_paired.csv  paired MAE − CrossMAE differences per task × metric (common seeds)
     leaderboard.md          the same as Markdown tables (differences whose interval excludes 0 marked)
     leaderboard.png         one panel per task × headline metric: mean and 95 % interval per backbone
-    leaderboard.html        self-contained page: sortable table, per-task difference charts
+    leaderboard.html        self-contained page opening on the MAE-vs-CrossMAE comparison (one row per
+                            task × headline metric), then the sortable table and difference charts
 
 Columns of ``leaderboard.csv``: backbone, method, arch, pretrain_epochs, mask_ratio,
 prediction_ratio, decoder_depth, task, protocol, config, metric, n_seeds, seeds, mean, stderr
 (sample std / sqrt(n); empty for n = 1), ci_low, ci_high (95 % bootstrap interval over evaluation
 images and seeds, :mod:`benchmarks.bootstrap`), reference, diff_to_reference (mean − reference),
-reference_source, zoo_reported_ft_top1, backbone_source, wall_time_s (sum over seeds), gpu_hours
+reference_source, reference_statistic (``best epoch`` / ``final epoch``: which evaluation the paper
+number is; only a run metric of that statistic gets it, :func:`benchmarks.reference.statistic_of`),
+zoo_reported_ft_top1 (a finite number, else ignored with a warning), backbone_source, wall_time_s (sum over seeds), gpu_hours
 (sum of wall time × GPUs), gpu_type, checkpoint_sha256, config_hash, code_version (values joined by
 ``;`` when seeds differ). The paired CSV adds ci_low, ci_high and excludes_zero for the difference.
+A non-finite value (NaN, ±inf in a metrics.json) is written as ``nan`` / ``inf`` / ``-inf`` and has
+no s.e. and no interval. Every value placed in the Markdown, PNG and HTML goes through
+:mod:`benchmarks.render` (escaping for its context, per-metric number formats).
 
 Identity: a backbone is its checkpoint's sha256 (:func:`backbone_key`), never its file name; its
 display name is the suite's ``--backbone NAME=...`` (``task.json``), else derived from the
