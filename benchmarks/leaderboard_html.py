@@ -83,7 +83,7 @@ th, td { border: 1px solid #ccc; padding: 2px 6px; }
 th { background: #eee; }
 #leaderboard th { cursor: pointer; user-select: none; }
 th[data-dir=asc]::after { content: ' \\25B2'; } th[data-dir=desc]::after { content: ' \\25BC'; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.sig { color: #c0392b; font-weight: bold; }
 .bb { color: #555; font-size: 11px; } .ci { color: #555; }
 .charts { display: flex; flex-wrap: wrap; gap: 1em; }
