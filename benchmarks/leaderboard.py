@@ -10,15 +10,21 @@ skipped with a one-line warning naming it. Writes, next to ``--out`` (default
     leaderboard_paired.csv  paired MAE − CrossMAE differences per task × metric (common seeds)
     leaderboard.md          the same as Markdown tables (differences whose interval excludes 0 marked)
     leaderboard.png         one panel per task × headline metric: mean and 95 % interval per backbone
-    leaderboard.html        self-contained page: sortable table, per-task difference charts
+    leaderboard.html        self-contained page opening on the MAE-vs-CrossMAE comparison (one row per
+                            task × headline metric), then the sortable table and difference charts
 
 Columns of ``leaderboard.csv``: backbone, method, arch, pretrain_epochs, mask_ratio,
 prediction_ratio, decoder_depth, task, protocol, config, metric, n_seeds, seeds, mean, stderr
 (sample std / sqrt(n); empty for n = 1), ci_low, ci_high (95 % bootstrap interval over evaluation
 images and seeds, :mod:`benchmarks.bootstrap`), reference, diff_to_reference (mean − reference),
-reference_source, zoo_reported_ft_top1, backbone_source, wall_time_s (sum over seeds), gpu_hours
+reference_source, reference_statistic (``best epoch`` / ``final epoch``: which evaluation the paper
+number is; only a run metric of that statistic gets it, :func:`benchmarks.reference.statistic_of`),
+zoo_reported_ft_top1 (a finite number, else ignored with a warning), backbone_source, wall_time_s (sum over seeds), gpu_hours
 (sum of wall time × GPUs), gpu_type, checkpoint_sha256, config_hash, code_version (values joined by
 ``;`` when seeds differ). The paired CSV adds ci_low, ci_high and excludes_zero for the difference.
+A non-finite value (NaN, ±inf in a metrics.json) is written as ``nan`` / ``inf`` / ``-inf`` and has
+no s.e. and no interval. Every value placed in the Markdown, PNG and HTML goes through
+:mod:`benchmarks.render` (escaping for its context, per-metric number formats).
 
 Identity: a backbone is its checkpoint's sha256 (:func:`backbone_key`), never its file name; its
 display name is the suite's ``--backbone NAME=...`` (``task.json``), else derived from the
@@ -44,14 +50,16 @@ from pathlib import Path
 from crossmae.utils import UserError, atomic_write_text, check_writable, cli_entry, sha256_file
 
 from . import bootstrap, reference
+from .render import fmt_metric, fmt_number, is_finite, is_number, md_text
 
 COLUMNS = ["backbone", "method", "arch", "pretrain_epochs", "mask_ratio", "prediction_ratio", "decoder_depth",
            "task", "protocol", "config", "metric", "n_seeds", "seeds", "mean", "stderr", "ci_low", "ci_high",
-           "reference", "diff_to_reference", "reference_source", "zoo_reported_ft_top1", "backbone_source",
+           "reference", "diff_to_reference", "reference_source", "reference_statistic", "zoo_reported_ft_top1",
+           "backbone_source",
            "wall_time_s", "gpu_hours", "gpu_type", "checkpoint_sha256", "config_hash", "code_version"]
 PAIRED_COLUMNS = ["arch", "task", "protocol", "config", "metric", "mae_backbone", "crossmae_backbone", "n_pairs",
                   "seeds", "mae_mean", "crossmae_mean", "diff_mean", "diff_stderr", "ci_low", "ci_high", "excludes_zero",
-                  "reference_diff"]
+                  "reference_diff", "reference_statistic"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,9 +277,11 @@ def _name_backbones(records: list[dict]) -> None:
 
 
 def _stats(values: list[float]) -> tuple[float, float | None]:
+    """``(mean, standard error)``; the error is None for one value or when any value is not finite
+    (the mean is then NaN or ±inf, shown as such)."""
     n = len(values)
     mean = sum(values) / n
-    if n < 2:
+    if n < 2 or not math.isfinite(mean):
         return mean, None
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
@@ -306,7 +316,13 @@ def rows_from(records: list[dict]) -> list[dict]:
         rs = kept
         meta = rs[0]["meta"]
         mean, se = _stats([r["value"] for r in rs])
-        ref = None
+        ref, zoo = None, None
+        for r in rs:  # a number only (a string here would be placed in the outputs as if it were one)
+            z = r["zoo_top1"]
+            if z is not None and not is_finite(z) and ("zoo", r["path"]) not in warned:
+                warned.add(("zoo", r["path"]))
+                warn(f"{r['path']}: backbone_report.zoo.reported_ft_top1 is not a finite number; ignored")
+            zoo = z if zoo is None and is_finite(z) else zoo
         if "paper" in str(config) or not config:
             ref = reference.lookup(task, protocol, metric, meta.get("arch"), meta.get("method"),
                                    meta.get("prediction_ratio"))
@@ -321,7 +337,8 @@ def rows_from(records: list[dict]) -> list[dict]:
             "seeds": " ".join(str(r["seed"]) for r in rs), "mean": mean, "stderr": se, "ci_low": None, "ci_high": None,
             "reference": ref["value"] if ref else None, "diff_to_reference": mean - ref["value"] if ref else None,
             "reference_source": ref["source"] if ref else "",
-            "zoo_reported_ft_top1": next((r["zoo_top1"] for r in rs if r["zoo_top1"] is not None), None),
+            "reference_statistic": reference.STATISTIC_LABEL[ref["statistic"]] if ref else "",
+            "zoo_reported_ft_top1": zoo,
             "backbone_source": _join(r["source"] for r in rs),
             "wall_time_s": wall, "gpu_hours": gpuh,
             "gpu_type": _join(r["metrics"].get("device") for r in rs),
@@ -353,7 +370,7 @@ def paired(rows: list[dict]) -> list[dict]:
                                               " ".join(map(str, seeds)),
                                               _stats([a["_values"][s] for s in seeds])[0],
                                               _stats([c["_values"][s] for s in seeds])[0], dm, dse, None, None,
-                                              "", rd]))
+                                              "", rd, a["reference_statistic"] if rd is not None else ""]))
                 p["_rows"], p["_seeds"] = (a, c), seeds
                 out.append(p)
     return out
@@ -426,11 +443,13 @@ def attach_intervals(rows: list[dict], pairs: list[dict], resamples: int = boots
     for r in rows:
         seeds = list(r["_records"])
         arrs, _ = per_seed(r, seeds)
-        if arrs is not None:
+        if arrs is not None and math.isfinite(r["mean"]):
             r["_boot"] = bootstrap.seed_mean(arrs, bootstrap.seed_draws(len(seeds), resamples, seed))
-            r["ci_low"], r["ci_high"] = bootstrap.percentile_interval(r["_boot"])
+            r["ci_low"], r["ci_high"] = _interval(r["_boot"])
     for p in pairs:
         a, c = p["_rows"]
+        if not math.isfinite(p["diff_mean"]):  # a non-finite value has no interval
+            continue
         aa, ga = per_seed(a, p["_seeds"])
         cc, gc = per_seed(c, p["_seeds"])
         if aa is None or cc is None or ga != gc:
@@ -438,19 +457,28 @@ def attach_intervals(rows: list[dict], pairs: list[dict], resamples: int = boots
         draws = bootstrap.seed_draws(len(p["_seeds"]), resamples, seed)
         diff = bootstrap.seed_mean(aa, draws) - bootstrap.seed_mean(cc, draws)
         p["_boot"] = diff
-        p["ci_low"], p["ci_high"] = bootstrap.percentile_interval(diff)
-        if not (math.isnan(p["ci_low"]) or math.isnan(p["ci_high"])):
+        p["ci_low"], p["ci_high"] = _interval(diff)
+        if p["ci_low"] is not None:
             p["excludes_zero"] = "yes" if p["ci_low"] > 0 or p["ci_high"] < 0 else "no"
+
+
+def _interval(values) -> tuple[float | None, float | None]:
+    """:func:`benchmarks.bootstrap.percentile_interval`, ``(None, None)`` when it has none (too few
+    finite resamples): an interval is two finite numbers or absent, never NaN."""
+    lo, hi = bootstrap.percentile_interval(values)
+    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else (None, None)
 
 
 # --------------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------------
 def _fmt(v) -> str:
+    """A CSV cell: ``""`` for None, ``nan`` / ``inf`` / ``-inf`` for a non-finite float, a float
+    with 6 significant digits, anything else as ``str``."""
     if v is None:
         return ""
     if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6g}"
+        return fmt_number(v) if not math.isfinite(v) else f"{v:.6g}"
     return str(v)
 
 
@@ -464,46 +492,61 @@ def to_csv(rows: list[dict], columns: list[str]) -> str:
 
 
 def _has_ci(r) -> bool:
-    return r.get("ci_low") is not None and not math.isnan(r["ci_low"])
+    return is_finite(r.get("ci_low")) and is_finite(r.get("ci_high"))
 
 
-def _pm(mean, se, n=None, lo=None, hi=None) -> str:
-    s = f"{mean:.2f}" + (f" ± {se:.2f}" if se is not None else "")
-    if lo is not None and not math.isnan(lo):
-        s += f" [{lo:.2f}, {hi:.2f}]"
+def _pm(metric, mean, se, n=None, lo=None, hi=None) -> str:
+    """``mean ± se [lo, hi] (n=…)`` in ``metric``'s format (:func:`benchmarks.render.fmt_metric`)."""
+    s = fmt_metric(mean, metric) + (f" ± {fmt_metric(se, metric)}" if is_number(se) else "")
+    if is_finite(lo) and is_finite(hi):
+        s += f" [{fmt_metric(lo, metric)}, {fmt_metric(hi, metric)}]"
     return s + (f" (n={n})" if n else "")
 
 
 def to_markdown(rows: list[dict], pairs: list[dict], root: Path, resamples: int = bootstrap.RESAMPLES) -> str:
-    lines = ["# Leaderboard: MAE vs CrossMAE", "", f"Built from the finished tasks in `{root}` "
+    """``leaderboard.md``: every row as a table (one column per backbone), then the paired
+    differences. Every name from the runs' files is escaped (:func:`benchmarks.render.md_text`: no
+    ``|`` splits a cell, no backtick, emphasis, link or HTML tag forms); numbers in their metric's
+    format; a non-finite value shown as ``nan`` / ``inf``; the paper column names its statistic
+    (final / best epoch)."""
+    lines = ["# Leaderboard: MAE vs CrossMAE", "", f"Built from the finished tasks in {md_text(root)} "
              f"({sum(r['n_seeds'] for r in rows)} task-metric results). Mean ± standard error over seeds, "
              f"[95 % interval] of a bootstrap over evaluation images and seeds ({resamples} resamples).", ""]
     backbones = sorted({r["backbone"] for r in rows})
     if not rows:
         return "\n".join(lines + ["No finished task yet.", ""])
-    label = {r["backbone"]: f"{r['backbone']} ({r['method'] or '?'}, γ={_fmt(r['prediction_ratio'])})" for r in rows}
-    lines += ["| task | protocol | config | metric | " + " | ".join(label[b] for b in backbones) + " | reference |",
-              "|" + "---|" * (5 + len(backbones))]
+    label = {r["backbone"]: md_text(f"{r['backbone']} ({r['method'] or '?'}, γ={_fmt(r['prediction_ratio'])})")
+             for r in rows}
+    lines += ["| task | protocol | config | metric | " + " | ".join(label[b] for b in backbones)
+              + " | paper (statistic) |", "|" + "---|" * (5 + len(backbones))]
     cells = defaultdict(dict)
     for r in rows:
         cells[(r["task"], r["protocol"], r["config"], r["metric"])][r["backbone"]] = r
     for key, by_bb in sorted(cells.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        vals = [(_pm(by_bb[b]["mean"], by_bb[b]["stderr"], by_bb[b]["n_seeds"], by_bb[b]["ci_low"], by_bb[b]["ci_high"])
-                 if b in by_bb else "–") for b in backbones]
-        refs = "; ".join(f"{b}: {_fmt(r['reference'])}" for b, r in by_bb.items() if r["reference"] is not None)
-        lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(vals) + f" | {refs or '–'} |")
+        metric = key[3]
+        vals = [(_pm(metric, by_bb[b]["mean"], by_bb[b]["stderr"], by_bb[b]["n_seeds"], by_bb[b]["ci_low"],
+                     by_bb[b]["ci_high"]) if b in by_bb else "–") for b in backbones]
+        refs = "; ".join(f"{md_text(b)}: {fmt_metric(r['reference'], metric)} ({r['reference_statistic']})"
+                         for b, r in by_bb.items() if r["reference"] is not None)
+        lines.append("| " + " | ".join(md_text("" if k is None else k) for k in key) + " | " + " | ".join(vals)
+                     + f" | {refs or '–'} |")
     if pairs:
         lines += ["", "## Paired differences (MAE − CrossMAE, common seeds)", "",
                   "**bold ✱**: the 95 % paired-bootstrap interval excludes 0.", "",
-                  "| task | protocol | config | metric | MAE | CrossMAE | n | MAE − CrossMAE | 95 % interval | paper diff |",
+                  "| task | protocol | config | metric | MAE | CrossMAE | n | MAE − CrossMAE | 95 % interval | "
+                  "paper diff (statistic) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for p in pairs:
-            diff = _pm(p["diff_mean"], p["diff_stderr"])
-            ci = f"[{p['ci_low']:.2f}, {p['ci_high']:.2f}]" if _has_ci(p) else "–"
+            metric = p["metric"]
+            diff = _pm(metric, p["diff_mean"], p["diff_stderr"])
+            ci = f"[{fmt_metric(p['ci_low'], metric)}, {fmt_metric(p['ci_high'], metric)}]" if _has_ci(p) else "–"
             if p["excludes_zero"] == "yes":
                 diff, ci = f"**{diff}** ✱", f"**{ci}**"
-            lines.append(f"| {p['task']} | {p['protocol']} | {p['config']} | {p['metric']} | {p['mae_backbone']} | "
-                         f"{p['crossmae_backbone']} | {p['n_pairs']} | {diff} | {ci} | {_fmt(p['reference_diff']) or '–'} |")
+            ref = (f"{fmt_metric(p['reference_diff'], metric)} ({p['reference_statistic']})"
+                   if p["reference_diff"] is not None else "–")
+            names = " | ".join(md_text("" if p[k] is None else p[k]) for k in
+                               ("task", "protocol", "config", "metric", "mae_backbone", "crossmae_backbone"))
+            lines.append(f"| {names} | {p['n_pairs']} | {diff} | {ci} | {ref} |")
     return "\n".join(lines) + "\n"
 
 
@@ -517,13 +560,17 @@ def _panels(rows):
                          key=lambda c: tuple(map(str, c)))
 
 
-def plot(rows: list[dict], path: Path) -> Path:
-    """One panel per task × protocol × config × headline metric (:data:`HEADLINE`; all metrics when
-    none is present), each on its own axis: one bar per backbone (mean), error bar = the 95 %
-    bootstrap interval where known, else ± standard error. Atomic write."""
+def plot_figure(rows: list[dict]):
+    """The leaderboard's figure (a matplotlib ``Figure``; the caller closes it): one panel per task ×
+    protocol × config × headline metric (:data:`HEADLINE`; all metrics when none is present), each
+    on its own axis: one bar per backbone (mean), error bar = the 95 % bootstrap interval where
+    known, else ± standard error. A non-finite mean gets no bar (its value, ``nan`` / ``inf``, is
+    written at its place) and no part in the axis limits; every name from the runs' files is drawn
+    as plain text (``usetex`` and ``parse_math`` off: a ``$`` is a dollar sign, never mathtext)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    plain = {"usetex": False, "parse_math": False}
     shown, cells = _panels(rows)
     n = max(1, len(cells))
     ncol = min(4, n)
@@ -538,24 +585,41 @@ def plot(rows: list[dict], path: Path) -> Path:
         ys = [r["mean"] for r in rs]
         lo = [(r["mean"] - r["ci_low"]) if _has_ci(r) else (r["stderr"] or 0.0) for r in rs]
         hi = [(r["ci_high"] - r["mean"]) if _has_ci(r) else (r["stderr"] or 0.0) for r in rs]
+        lo = [max(0.0, v) if math.isfinite(v) else 0.0 for v in lo]
+        hi = [max(0.0, v) if math.isfinite(v) else 0.0 for v in hi]
         colors = ["tab:blue" if r["method"] == "mae" else "tab:orange" if r["method"] == "crossmae" else "tab:gray"
                   for r in rs]
-        ok = [i for i, y in enumerate(ys) if not math.isnan(y)]
+        ok = [i for i, y in enumerate(ys) if math.isfinite(y)]
         ax.bar([xs[i] for i in ok], [ys[i] for i in ok], 0.7, color=[colors[i] for i in ok],
-               yerr=[[max(0.0, lo[i]) for i in ok], [max(0.0, hi[i]) for i in ok]], capsize=3)
+               yerr=[[lo[i] for i in ok], [hi[i] for i in ok]], capsize=3)
         ax.set_xticks(xs)
-        ax.set_xticklabels([r["backbone"] for r in rs], fontsize=7, rotation=20, ha="right")
-        ax.set_title(f"{cell[0]} · {cell[3]}\n{cell[1]} · {cell[2]}", fontsize=8)
+        ax.set_xlim(-0.6, len(xs) - 0.4)
+        ax.set_xticklabels([str(r["backbone"]) for r in rs], fontsize=7, rotation=20, ha="right", **plain)
+        ax.set_title(f"{cell[0]} · {cell[3]}\n{cell[1]} · {cell[2]}", fontsize=8, **plain)
         if ok:
-            top = max(ys[i] + max(0.0, hi[i]) for i in ok)
-            bot = min(ys[i] - max(0.0, lo[i]) for i in ok)
+            top = max(ys[i] + hi[i] for i in ok)
+            bot = min(ys[i] - lo[i] for i in ok)
             pad = 0.15 * (top - bot) if top > bot else max(abs(top) * 0.05, 1e-3)
             ax.set_ylim(min(0.0, bot - pad), top + pad)  # bars start at 0
-    fig.suptitle("MAE (blue) vs CrossMAE (orange): mean, 95 % bootstrap interval (else ± s.e.)", fontsize=9)
+        for i in set(xs) - set(ok):  # the value itself where there is no bar
+            ax.text(xs[i], 0.0, fmt_number(ys[i]), ha="center", va="bottom", fontsize=8, color="tab:red",
+                    transform=ax.get_xaxis_transform(), **plain)
+    fig.suptitle("MAE (blue) vs CrossMAE (orange): mean,\n95 % bootstrap interval (else ± s.e.)"
+                 if ncol == 1 else "MAE (blue) vs CrossMAE (orange): mean, 95 % bootstrap interval (else ± s.e.)",
+                 fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """:func:`plot_figure` written to ``path`` as PNG (atomic: a temporary file, then renamed)."""
+    import matplotlib.pyplot as plt
+    fig = plot_figure(rows)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     os.replace(tmp, path)
     return path
 
@@ -604,7 +668,8 @@ def build(root: str | os.PathLike, out: str | os.PathLike | None = None, resampl
     atomic_write_text(to_csv(pairs, PAIRED_COLUMNS), paths["paired"])
     atomic_write_text(to_markdown(rows, pairs, root, resamples), paths["md"])
     plot(rows, paths["png"])
-    atomic_write_text(leaderboard_html.render(rows, pairs, root, resamples, HEADLINE), paths["html"])
+    # HOOK(curves): the probe-curves section goes in as leaderboard_html.render(..., curves=<its HTML>).
+    atomic_write_text(leaderboard_html.render(rows, pairs, root, resamples, HEADLINE, curves=None), paths["html"])
     return paths
 
 

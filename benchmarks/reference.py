@@ -3,14 +3,27 @@ reference column.
 
 Each entry: ``task`` (the modules' ``metrics.json`` task), ``protocol`` (family: finetune / linprobe /
 vitdet / upernet), ``metric``, ``arch`` (timm name), ``method`` (``mae`` / ``crossmae``),
-``prediction_ratio`` (CrossMAE's γ; None = the paper does not say / any), ``value``, ``source``.
-ImageNet numbers are for 800-epoch pretraining. Only paper-protocol runs (config preset starting
-with ``paper``) are compared to these; the smoke suite's numbers are not comparable.
+``prediction_ratio`` (CrossMAE's γ; None = the paper does not say / any), ``value``, ``source``,
+``statistic``: which evaluation of the run the number is, ``best`` (the maximum over the evaluated
+epochs: the classification numbers come from MAE's ``main_finetune.py`` / ``main_linprobe.py``,
+which print and report "Max accuracy") or ``final`` (the model at the end of the schedule: the
+ViTDet detectron2 and UperNet mmsegmentation evaluations). ImageNet numbers are for 800-epoch
+pretraining. Only paper-protocol runs (config preset starting with ``paper``) are compared to these;
+the smoke suite's numbers are not comparable.
+
+Like with like (:func:`statistic_of`): a run's ``top1`` is its final epoch and ``top1_best`` its
+best epoch (``transfer.classification.common.final_metrics``), so a paper ``best`` number is the
+reference of the run's ``top1_best`` row only, never of its ``top1`` row.
 """
 from __future__ import annotations
 
 S, B, L, H = "vit_small_patch16", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14"
 
+
+#: how each statistic is named in the leaderboard's outputs.
+STATISTIC_LABEL = {"final": "final epoch", "best": "best epoch"}
+#: the paper's statistic per protocol family (see the module doc).
+PAPER_STATISTIC = {"finetune": "best", "linprobe": "best", "vitdet": "final", "upernet": "final"}
 
 FAMILY = {"finetune": "finetune", "linprobe": "linprobe", "inat": "finetune", "places": "finetune",
           "coco": "vitdet", "ade20k": "upernet"}
@@ -24,10 +37,18 @@ def protocol_family(task: str, protocol: str | None) -> str:
     return FAMILY.get(task, protocol or "")
 
 
+def statistic_of(metric: str) -> tuple[str, str]:
+    """``(paper metric, statistic)`` a run's metric is comparable with: ``top1_best`` ->
+    ``("top1", "best")``, any other ``m_best`` -> ``(m, "best")``, every other metric -> ``(metric,
+    "final")`` (the task modules write the final evaluation under the plain name)."""
+    m = str(metric)
+    return (m[:-5], "best") if m.endswith("_best") and len(m) > 5 else (m, "final")
+
+
 def _e(task, metric, arch, method, gamma, value, source):
     protocol = "linprobe" if task == "linprobe" else FAMILY[task]
     return {"task": task, "protocol": protocol, "metric": metric, "arch": arch, "method": method,
-            "prediction_ratio": gamma, "value": value, "source": source}
+            "prediction_ratio": gamma, "value": value, "source": source, "statistic": PAPER_STATISTIC[protocol]}
 
 
 REFERENCE: list[dict] = []
@@ -62,12 +83,17 @@ REFERENCE += [_e("ade20k", "mIoU", B, "mae", None, 47.7, "CrossMAE Table 17"),
 def lookup(task: str, protocol: str | None, metric: str, arch: str | None, method: str | None,
            prediction_ratio: float | None = None) -> dict | None:
     """The paper entry for a cell, or None. ``protocol`` is the run's protocol (mapped through
-    :func:`protocol_family`, so an iNat linear probe never gets the iNat fine-tune number). An entry
-    with a γ matches only that γ (±1e-6); one without matches any γ, but a γ-specific entry wins."""
+    :func:`protocol_family`, so an iNat linear probe never gets the iNat fine-tune number);
+    ``metric`` the run's metric name, matched with the entry's metric and statistic through
+    :func:`statistic_of` (a run's final-epoch ``top1`` never gets a best-epoch paper number). An
+    entry with a γ matches only that γ (±1e-6); one without matches any γ, but a γ-specific entry
+    wins."""
     best = None
     fam = protocol_family(task, protocol)
+    base, stat = statistic_of(metric)
     for e in REFERENCE:
-        if (e["task"], e["protocol"], e["metric"], e["arch"], e["method"]) != (task, fam, metric, arch, method):
+        if (e["task"], e["protocol"], e["metric"], e["statistic"], e["arch"], e["method"]) \
+                != (task, fam, base, stat, arch, method):
             continue
         if e["prediction_ratio"] is None:
             best = best or e

@@ -5,72 +5,27 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
-import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks.leaderboard import build
+from browser import PageDom, dump_dom, needs_chromium
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium; "
-                                                          "`make test` tries it)")
-
-
-class _Dom(HTMLParser):
-    """Rows of table#leaderboard's body (cell texts), and the chart SVGs with their dots."""
-
-    def __init__(self):
-        super().__init__()
-        self.rows, self.charts, self.dots = [], 0, 0
-        self._in_table = self._in_body = False
-        self._row = self._cell = None
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "table" and a.get("id") == "leaderboard":
-            self._in_table = True
-        elif tag == "tbody" and self._in_table:
-            self._in_body = True
-        elif tag == "tr" and self._in_body:
-            self._row = []
-        elif tag == "td" and self._row is not None:
-            self._cell = ""
-        elif tag == "svg" and "chart" in (a.get("class") or ""):
-            self.charts += 1
-        elif tag == "circle" and "diff" in (a.get("class") or ""):
-            self.dots += 1
-
-    def handle_endtag(self, tag):
-        if tag == "td" and self._cell is not None:
-            self._row.append(self._cell)
-            self._cell = None
-        elif tag == "tr" and self._row is not None:
-            self.rows.append(self._row)
-            self._row = None
-        elif tag == "tbody":
-            self._in_body = False
-        elif tag == "table":
-            self._in_table = False
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell += data
+pytestmark = needs_chromium
 
 
-def _dump_dom(page: Path, tmp: Path) -> _Dom:
-    profile = tmp / f"chromium-profile-{page.stem}"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
-           f"--user-data-dir={profile}", "--dump-dom", page.as_uri()]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "<table" in out.stdout, out.stderr[-2000:]
-    dom = _Dom()
-    dom.feed(out.stdout)
-    return dom
+def _dump_dom(page: Path, tmp: Path, script: str = "") -> PageDom:
+    return PageDom(dump_dom(page, tmp, script))
+
+
+class _Dom:
+    """table#leaderboard's body rows (cell texts) and the charts of a dumped page."""
+
+    def __init__(self, page: PageDom):
+        self.page, self.rows = page, page.tables["leaderboard"]["rows"]
+        self.charts, self.dots = page.charts, page.dots
 
 
 def _with_clicks(page: Path, headers: list[str], name: str) -> Path:
@@ -120,25 +75,135 @@ def test_page_is_self_contained(board):
 
 def test_table_rows_charts_and_sorting_in_chromium(board):
     tmp, page, rows, pairs = board
-    dom = _dump_dom(page, tmp)
+    dom = _Dom(_dump_dom(page, tmp))
     # every backbone × task × metric of the CSV, in the CSV's order, with its interval
     cols = ["backbone", "method", "arch", "task", "protocol", "config", "metric"]
     assert [r[:7] for r in dom.rows] == [[r[c] for c in cols] for r in rows]
     assert len(dom.rows) == 3 * 2 * 2
     assert all(r[9] and r[10] for r in dom.rows)  # 95 % low / high present for every row
-    zoo = [r[14] for r in dom.rows if r[0] == "cmae"]
+    zoo = [z for b, z in zip(dom.page.column("leaderboard", "backbone"),
+                             dom.page.column("leaderboard", "zoo reported FT top-1")) if b == "cmae"]
     assert zoo and set(zoo) == {"83.60"}
     # one chart per task × headline metric, one dot per MAE/CrossMAE pair in it
     top1_pairs = [p for p in pairs if p["metric"] == "top1"]
     assert dom.charts == 2 and dom.dots == len(top1_pairs) == 4
 
     mean = [float(r[8]) for r in dom.rows]
-    up = _dump_dom(_with_clicks(page, ["mean"], "asc.html"), tmp)
+    up = _Dom(_dump_dom(_with_clicks(page, ["mean"], "asc.html"), tmp))
     asc = [float(r[8]) for r in up.rows]
     assert asc == sorted(mean) and asc != mean
     assert sorted(map(tuple, up.rows)) == sorted(map(tuple, dom.rows))  # reordered, nothing lost
-    down = _dump_dom(_with_clicks(page, ["mean", "mean"], "desc.html"), tmp)
+    down = _Dom(_dump_dom(_with_clicks(page, ["mean", "mean"], "desc.html"), tmp))
     assert [float(r[8]) for r in down.rows] == sorted(mean, reverse=True)
-    by_name = _dump_dom(_with_clicks(page, ["backbone"], "name.html"), tmp)
+    by_name = _Dom(_dump_dom(_with_clicks(page, ["backbone"], "name.html"), tmp))
     names = [r[0] for r in by_name.rows]
     assert names == sorted(names) and names[:4] == ["cmae"] * 4
+
+
+# --------------------------------------------------------------------------------------------------
+# the page opens on the comparison (issue 17): one row per task × headline metric, then the full
+# table with numbers formatted per metric
+# --------------------------------------------------------------------------------------------------
+def _run(root: Path, name: str, sha: str, method: str, task: str, protocol: str, config: str, seed: int,
+         metrics: dict, predictions: dict | None = None) -> None:
+    d = root / name / f"{task}-{config}" / f"seed{seed}"
+    d.mkdir(parents=True)
+    (d / "task.json").write_text(json.dumps({"spec": {"backbone_name": name, "config": config, "seed": seed}}))
+    m = {"task": task, "protocol": protocol, "metrics": metrics, "backbone_sha256": sha, "seed": seed,
+         "backbone_report": {"sha256": sha, "arch": "vit_base_patch16",
+                             "meta": {"method": method, "mask_ratio": 0.75, "kept_mask_ratio": 0.75}}}
+    if predictions is not None:
+        (d / "predictions.json").write_text(json.dumps(predictions))
+        m["predictions"] = "predictions.json"
+    (d / "metrics.json").write_text(json.dumps(m))
+
+
+@pytest.fixture(scope="module")
+def compare_board(tmp_path_factory):
+    """MAE and CrossMAE on: iNat (2 seeds, per-image predictions: intervals; MAE top-1 29.4 and 29.6,
+    s.e. 0.1, and a loss of ~0.0006), the paper fine-tune (top1 = final epoch, top1_best = best
+    epoch: only the latter has a paper number), COCO (APbox, APmask) and ADE20K (MAE only)."""
+    tmp = tmp_path_factory.mktemp("lbcompare")
+    root = tmp / "out"
+    n, rng = 500, np.random.default_rng(1)
+    labels = rng.integers(0, 4, n).tolist()
+    for name, sha, method, hits in (("mae", "a" * 64, "mae", 147), ("cmae", "c" * 64, "crossmae", 160)):
+        for seed in (0, 1):
+            ok = np.zeros(n, bool)
+            ok[rng.permutation(n)[:hits + seed]] = True  # top-1 29.4 / 29.6 (MAE): s.e. 0.1
+            first = [l if ok[i] else (l + 1) % 4 for i, l in enumerate(labels)]
+            top1 = 100.0 * ok.mean()
+            pred = {"format": "classification/v1", "images": [f"{i}.jpg" for i in range(n)], "labels": labels,
+                    "top5": [[f] + [c for c in range(4) if c != f] + [0] for f in first], "scores": [[1, 0, 0, 0, 0]] * n}
+            _run(root, name, sha, method, "inat", "finetune", "smoke", seed,
+                 {"top1": top1, "top5": 100.0, "loss": 0.0006062 + 1e-7 * seed}, pred)
+        _run(root, name, sha, method, "finetune", "finetune", "paper_vit_base", 0,
+             {"top1": 83.0 if method == "mae" else 83.1, "top1_best": 83.2 if method == "mae" else 83.6})
+        _run(root, name, sha, method, "coco", "vitdet", "smoke", 0,
+             {"APbox": 10.0 if method == "mae" else 10.5, "APmask": 9.0 if method == "mae" else 9.25,
+              "bbox/AP50": 20.0})
+    _run(root, "mae", "a" * 64, "mae", "ade20k", "upernet", "smoke", 0, {"mIoU": 40.125, "aAcc": 70.0})
+    paths = build(root, resamples=200)
+    rows = list(csv.DictReader(paths["csv"].open()))
+    pairs = list(csv.DictReader(paths["paired"].open()))
+    return tmp, paths["html"], rows, pairs
+
+
+def test_page_opens_on_the_comparison_in_chromium(compare_board):
+    tmp, page, rows, pairs = compare_board
+    dom = _dump_dom(page, tmp)
+    assert dom.order[:2] == ["comparison", "leaderboard"]  # the comparison comes first
+    comp = dom.tables["comparison"]
+    assert comp["head"][:5] == ["task", "protocol", "config", "metric", "statistic"]
+    col = {h: dom.column("comparison", h) for h in comp["head"]}
+    # one row per task × headline metric (top1 with its best epoch, APbox, APmask, mIoU), in order
+    assert list(zip(col["task"], col["metric"])) == [
+        ("ade20k", "mIoU"), ("coco", "APbox"), ("coco", "APmask"), ("finetune", "top1"), ("finetune", "top1_best"),
+        ("inat", "top1")]
+    assert col["statistic"] == ["final epoch"] * 4 + ["best epoch", "final epoch"]
+    by = {(t, m): i for i, (t, m) in enumerate(zip(col["task"], col["metric"]))}
+    for p in pairs:
+        if p["metric"] not in ("top1", "top1_best", "APbox", "APmask", "mIoU"):
+            continue
+        i = by[(p["task"], p["metric"])]
+        # each method's value (backbone name and mean), the paired difference and its interval
+        assert col["MAE"][i].startswith(f"mae {float(p['mae_mean']):.2f}")
+        assert col["CrossMAE"][i].startswith(f"cmae {float(p['crossmae_mean']):.2f}")
+        assert col["seeds"][i] == p["n_pairs"]
+        assert col["MAE − CrossMAE"][i].rstrip(" ✱") == f"{float(p['diff_mean']):.2f}"
+        want_ci = f"[{float(p['ci_low']):.2f}, {float(p['ci_high']):.2f}]" if p["ci_low"] else "–"
+        assert col["95% interval"][i] == want_ci
+        assert col["MAE − CrossMAE"][i].endswith("✱") == (p["excludes_zero"] == "yes")
+    inat = by[("inat", "top1")]
+    assert re.fullmatch(r"mae \d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\]", col["MAE"][inat])  # with its own interval
+    assert col["95% interval"][inat] != "–"
+    # the paper's difference only where the paper has the statistic: MAE 83.3 − CrossMAE(γ 0.75) 83.7,
+    # a best-epoch number, on the best-epoch row; never on the final-epoch top1 row
+    assert col["paper MAE − CrossMAE"][by[("finetune", "top1_best")]] == "-0.40 (best epoch)"
+    assert col["paper MAE − CrossMAE"][by[("finetune", "top1")]] == "–"
+    # a task with one method only: its value, no difference
+    ade = by[("ade20k", "mIoU")]
+    assert col["MAE"][ade].startswith("mae 40.12") and col["CrossMAE"][ade] == "–" and col["MAE − CrossMAE"][ade] == "–"
+
+
+def test_full_table_numbers_formatted_per_metric_in_chromium(compare_board):
+    tmp, page, rows, _ = compare_board
+    dom = _dump_dom(page, tmp)
+    assert len(dom.tables["leaderboard"]["rows"]) == len(rows)
+    metric = dom.column("leaderboard", "metric")
+    numeric = ["mean", "95% low", "95% high", "s.e.", "paper", "mean − paper"]
+    cols = {h: dom.column("leaderboard", h) for h in numeric}
+    percent = re.compile(r"-?\d+\.\d\d")
+    seen = set()
+    for i, m in enumerate(metric):
+        cells = [cols[h][i] for h in numeric if cols[h][i]]
+        if m == "loss":  # a loss in its own format, never beside percentages in theirs
+            assert cells and all(re.fullmatch(r"\d\.\d{3}e-\d\d", c) for c in cells), cells
+        else:  # every percentage (top-1, AP, mIoU, aAcc) with 2 decimals, s.e. and interval included
+            assert cells and all(percent.fullmatch(c) for c in cells), (m, cells)
+        seen.add(m)
+    assert {"loss", "top1", "top5", "APbox", "bbox/AP50", "mIoU", "aAcc"} <= seen
+    inat_se = [s for s, m, t in zip(cols["s.e."], metric, dom.column("leaderboard", "task"))
+               if (t, m) == ("inat", "top1")]
+    assert inat_se == ["0.10", "0.10"]  # not "0.1" beside "29.50"
+    assert dom.column("leaderboard", "paper statistic")[metric.index("top1_best")] == "best epoch"
