@@ -34,7 +34,7 @@ import os
 import re
 import sys
 import types
-from pathlib import Path
+import warnings
 
 import numpy as np
 import pytest
@@ -85,12 +85,13 @@ if importlib.util.find_spec("mmseg") is None or importlib.util.find_spec("mmcv")
         raise RuntimeError(_why + "; CI must run the mmseg oracle")
     pytest.skip(_why, allow_module_level=True)
 
-with stand_ins() as STOOD_IN:
+with stand_ins() as STOOD_IN, warnings.catch_warnings():
+    # mmcv-lite says at import that its ops-based attention is unavailable: expected, never used here
+    warnings.filterwarnings("ignore", message="Fail to import ``MultiScaleDeformableAttention``")
     from mmcv.transforms import LoadImageFromFile, Resize
     from mmengine.config import Config
     from mmengine.registry import DefaultScope
     from mmengine.structures import PixelData
-    from mmseg.datasets.transforms import LoadAnnotations
     from mmseg.engine.optimizers import LayerDecayOptimizerConstructor
     from mmseg.evaluation import IoUMetric
     from mmseg.models.losses import CrossEntropyLoss
@@ -110,6 +111,7 @@ from transfer.seg.model import seg_cross_entropy  # noqa: E402
 from transfer.seg.optim import param_groups_layer_decay  # noqa: E402
 from transfer.seg.testing import ADE_SUBDIR, require_dir  # noqa: E402
 
+pytestmark = pytest.mark.mmseg
 MAE_CONFIG = "mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"
 K = 7
 CROP = 64

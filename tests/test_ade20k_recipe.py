@@ -23,6 +23,7 @@ from transfer.ade20k import PRESET_DIR, build_model
 from transfer.seg.data import IGNORE_INDEX, MEAN_RGB, STD_RGB
 from transfer.seg.optim import lr_factor
 
+pytestmark = pytest.mark.mmseg
 MAE_B = "mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"
 MAE_B_MS = "mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512-ms.py"
 BEIT_L = "beit/beit-large_upernet_8xb1-amp-160k_ade20k-640x640.py"

@@ -36,6 +36,7 @@ from crossmae.lr_sched import scaled_lr
 from crossmae.models import ARCHS, parse_model_name
 from crossmae.utils import REPO_ROOT, load_config
 
+pytestmark = pytest.mark.official_src
 PRESETS = REPO_ROOT / "configs" / "pretrain"
 
 
