@@ -7,7 +7,7 @@ mmseg's ``configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py`` read fr
 package, ours ``configs/ade20k/paper_vit_base.py`` — with the same sizes shrunk (ViT 64/4/4 at 64 px,
 32/16-channel heads, 7 classes; the structure is the file's), the same weights are copied into both,
 and we assert: equal backbone features, pyramid, decode and auxiliary logits (whole image), equal
-sliding-window logits, equal losses (model and cross-entropy), identical layer-decay groups (lr scale
+sliding-window logits, equal multi-scale + flip predictions (``SegTTAModel``), equal losses (model and cross-entropy), identical layer-decay groups (lr scale
 and weight decay of every parameter), identical mIoU / mAcc / aAcc, and on the bundled real ADE20K
 images identical test-pipeline and training-pipeline outputs at every step (the training pipeline
 with OUR recorded random draws replayed into mmcv/mmseg's transforms).
@@ -227,6 +227,33 @@ def test_same_logits_sliding_window(pair):
     with torch.no_grad():
         torch.testing.assert_close(ours.inference(x, t.mode, tuple(t.crop_size), tuple(t.stride)),
                                    theirs.slide_inference(x, meta), rtol=1e-4, atol=1e-4)
+
+
+def test_same_multiscale_flip_prediction(pair):
+    """Multi-scale + flip test (``paper_vit_base_ms``'s test): ours (``transfer.ade20k.predict``) vs
+    mmseg's ``EncoderDecoder.predict`` per scale and flip (flipped back, resized to the original size)
+    merged by ``SegTTAModel.merge_preds`` (mean of the softmax, argmax)."""
+    from mmseg.models.segmentors import SegTTAModel
+    from transfer.ade20k import predict
+    ours, theirs, cfg = pair
+    ms = load_config("paper_vit_base_ms", None, PRESET_DIR).test
+    cfg = Config(dict(cfg.to_dict(), test=dict(cfg.test.to_dict(), aug_ratios=ms.aug_ratios, flip=ms.flip)))
+    torch.manual_seed(4)
+    out_size = (80, 112)
+    imgs = [torch.randn(3, 64, 90), torch.randn(3, 96, 134)]  # the image at two test scales
+    samples = []
+    with torch.no_grad():
+        mine = predict(ours, imgs, out_size, cfg)
+        for img in imgs:
+            for flip in (False, True):
+                ds = SegDataSample()
+                ds.set_metainfo(dict(img_path="x.jpg", img_shape=tuple(img.shape[1:]), pad_shape=tuple(img.shape[1:]),
+                                     ori_shape=out_size, flip=flip, flip_direction="horizontal"))
+                x = img.flip(-1) if flip else img
+                samples += theirs.predict(x[None], [ds])
+        ref = SegTTAModel(module=theirs).merge_preds([samples])[0].pred_sem_seg.data
+    assert len(samples) == 2 * len(imgs)
+    assert torch.equal(mine, ref.reshape(mine.shape).long())
 
 
 def test_same_model_loss(pair):
