@@ -37,7 +37,11 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.5"],
-        "test": ["pytest>=8.0"],
+        # mmsegmentation is the ADE20K parity oracle of every test run (tests/test_ade20k_parity.py,
+        # tests/test_ade20k_recipe.py). mmcv-lite is mmcv's pure-Python wheel (no compiled ops, so no
+        # compiler and no torch-specific build); the declared dependencies of both are pure Python
+        # (prettytable is the only one not already required above). mmseg 1.2.x accepts mmcv < 2.2.
+        "test": ["pytest>=8.0", "mmsegmentation==1.2.2", "mmcv-lite==2.1.0"],
         # pure-Python dependencies of a detectron2 source tree, for tests/test_coco_parity.py
         # (DETECTRON2_SRC=<checkout>); detectron2 itself is on no registry and is never installed
         "detectron2-parity": ["fvcore", "iopath", "omegaconf", "hydra-core"],

@@ -7,7 +7,7 @@ Measures, for the ``paper_vit_base`` model (ViT-B/16 + UperNet, 512×512 crops, 
 * peak memory of the training step: ``torch.cuda.max_memory_allocated`` on CUDA (what mmengine
   logs as ``memory``; mmseg reports 9.96 GB for this config at 2 images per GPU), peak resident set
   size growth of the process on CPU (not comparable to a GPU figure, reported for completeness);
-* sliding-window inference time per image (512 crops, stride 256) on a real ADE20K validation image
+* sliding-window inference time per image (512 crops, stride 341) on a real ADE20K validation image
   resized to the test scale (2048, 512) — 512×683, i.e. 2 windows — median over ``--infer-images``.
 
 Results are printed and, with ``--json PATH``, written atomically. Timings on a shared CPU are

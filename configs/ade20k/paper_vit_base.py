@@ -61,7 +61,7 @@ train = dict(
 )
 
 test = dict(
-    mode='slide', crop_size=(512, 512), stride=(256, 256),   # test_cfg
+    mode='slide', crop_size=(512, 512), stride=(341, 341),   # test_cfg
     aug_ratios=(),              # multi-scale test: e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) x scale
     flip=False,                 # with aug: also the flipped image; softmax averaged (SegTTAModel)
     num_overlays=4,             # coloured prediction PNGs written for the first N val images

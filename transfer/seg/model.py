@@ -341,7 +341,7 @@ class UperNet(nn.Module):
 
     @torch.no_grad()
     def inference(self, img: torch.Tensor, mode: str = "slide", crop_size: tuple[int, int] = (512, 512),
-                  stride: tuple[int, int] = (256, 256)) -> torch.Tensor:
+                  stride: tuple[int, int] = (341, 341)) -> torch.Tensor:
         """Logits ``(B, K, H, W)`` for a normalised image batch ``(B, 3, H, W)``.
 
         ``slide`` (mmseg ``EncoderDecoder.slide_inference``): windows of ``crop_size`` every
