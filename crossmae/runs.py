@@ -385,8 +385,10 @@ class Run(RunDir):
         return self.layout
 
     def start(self, required=("model",)) -> "Run":
-        """:meth:`RunDir.start`; use as ``with run.start():`` so that :meth:`close` runs at the end."""
+        """:meth:`RunDir.start`; use as ``with run.start():`` so that :meth:`close` runs at the end.
+        ``t_start`` (the session's wall-clock start) is reset here."""
         super().start(required)
+        self.t_start = time.time()
         return self
 
     def open_log(self, name: str | None = None) -> logging.Logger:

@@ -96,7 +96,7 @@ CFG_CASES = [
     (_pretrain, "model=3", ["--cfg-options model=3: expected a string", "got an integer"]),
     (_pretrain, "weight_decay=-0.05", ["--cfg-options weight_decay=-0.05: expected a number >= 0"]),
     (_coco, "train.max_iter=abc", [f"{COCO}: --cfg-options train.max_iter='abc': expected an integer >= 1"]),
-    (_coco, "train.batch_size_per_device=0", ["--cfg-options train.batch_size_per_device=0: expected an integer >= 1"]),
+    (_coco, "train.batch_size=0", ["--cfg-options train.batch_size=0: expected an integer >= 1"]),
     (_coco, "optim.lr=abc", ["--cfg-options optim.lr='abc': expected a number >= 0"]),
     (_coco, "data.flip_prob=1.5", ["--cfg-options data.flip_prob=1.5: expected a number in [0, 1]"]),
     (_ade20k, "schedule.max_iters=abc", [f"{ADE}: --cfg-options schedule.max_iters='abc': expected an integer >= 1"]),
