@@ -53,7 +53,7 @@ def cmds(data_root, tiny_mae_official, tiny_crossmae_ckpt, tmp_path_factory):
                     COCO_OPTS),
         "ade20k": Cmd("ade20k", ade20k.main, ["--backbone", str(ade_ckpt), "--config", "smoke", "--data-root",
                                               str(data_root)],
-                      [*ADE_FAST, "schedule.max_iters=2", "schedule.warmup_iters=1", "train.checkpoint_interval=1"]),
+                      [*ADE_FAST, "schedule.max_iters=2", "schedule.warmup_iters=1", "train.checkpoint_period=1"]),
         "finetune": Cmd("finetune", finetune.main, ft, ["epochs=1", "deterministic=True"]),
         "linprobe": Cmd("linprobe", linprobe.main, ft, [f"fast.cache_dir={cache}", "protocol=knn"]),
         "places": Cmd("places", places.main, [*ft, "--protocol", "linprobe"],
