@@ -557,12 +557,12 @@ def provenance(data_root: str | Path, files=(), *, num_train: int, num_eval: int
 
 
 def prepare_run(cfg, output_dir: str | Path, resume: str | None, task: str = "run",
-                identity: dict | None = None) -> RunDir:
-    """A :class:`RunDir` for an mmengine ``cfg`` (identity = its resolved dict + ``identity``),
+                identity: dict | None = None, device: str | None = None) -> "Run":
+    """The driver :class:`Run` for an mmengine ``cfg`` (identity = its resolved dict + ``identity``),
     config text ``cfg.pretty_text``. The caller returns ``run.finished`` when it is not None, else
-    calls ``run.start()`` once its inputs are validated."""
+    calls ``run.setup()``, validates its inputs and then ``run.start()``."""
     ident = {"config": cfg.to_dict(), **(identity or {})}
-    return RunDir(output_dir, task, ident, cfg.pretty_text, resume=resume)
+    return Run(output_dir, task, ident, cfg.pretty_text, resume=resume, device=device)
 
 
 def get_logger(out: Path, name: str) -> logging.Logger:
@@ -637,20 +637,18 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def finish_run(run: "RunDir", *, task: str, protocol: str, metrics: dict, cfg, backbone: str, sha: str,
-               report, epochs: int, wall_time_s: float, device: torch.device, extra: dict | None = None) -> dict:
-    """Assemble the metrics dict of CONTRACTS.md and write ``metrics.json`` through
-    :meth:`RunDir.finish` (atomically, last, main process). ``extra`` carries the provenance keys
-    (:func:`provenance`) and ``predictions``. Returns the dict."""
-    import torch.distributed as dist
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def finish_run(run: "Run", *, task: str, protocol: str, metrics: dict, cfg, backbone: str, sha: str,
+               report, epochs: int, wall_time_s: float, extra: dict | None = None) -> dict:
+    """Assemble the metrics dict of CONTRACTS.md for a backbone-evaluation run and write
+    ``metrics.json`` through :meth:`Run.finish` (atomically, last, main process; the driver adds the
+    layout, device and ``run_hash``). ``extra`` carries the provenance keys (:func:`provenance`) and
+    ``predictions``. Returns the dict."""
     res = {
         "task": task, "protocol": protocol,
         "metrics": {k: float(v) for k, v in metrics.items()},
         "backbone": str(backbone), "backbone_sha256": sha, "backbone_report": report_dict(report),
         "config_hash": config_hash(cfg.to_dict()), "seed": int(cfg.seed), "epochs": int(epochs),
-        "wall_time_s": float(wall_time_s), "device": device_name(device), "num_gpus": world if device.type == "cuda" else 0, "world_size": world,
-        "code_version": code_version(),
+        "wall_time_s": float(wall_time_s), "code_version": code_version(),
     }
     if extra:
         res.update(extra)

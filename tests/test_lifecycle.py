@@ -138,7 +138,7 @@ def test_second_process_on_a_locked_folder_exits_2_naming_the_holder(cmds, tmp_p
 # 2. a finished run is final
 # --------------------------------------------------------------------------------------------------
 OTHER_VALUE = {"pretrain": ["epochs=6", "lr=1e30"], "coco": ["optim.lr=0.5"], "ade20k": ["optimizer.lr=0.5"],
-               "finetune": ["blr=0.5"], "linprobe": ["batch_size=8"], "places": ["batch_size=8"]}
+               "finetune": ["blr=0.5"], "linprobe": ["total_batch_size=8"], "places": ["total_batch_size=8"]}
 
 
 def test_finished_run_is_final_for_every_command(cmds, finished, capsys):
