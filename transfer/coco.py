@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     if run.finished is not None:
         return run.finished
     layout = run.setup()
-    per_device, accum, _ = batch_layout(cfg.train, layout.world_size, "config train")
+    per_device, accum = 0, 0   # the training batch is checked only for training (--eval-only runs on any world)
+    if not args.eval_only:
+        per_device, accum, _ = batch_layout(cfg.train, layout.world_size, "config train")
 
     # data first: bad input fails before anything is written
     from transfer.vitdet.data import build_dataset
