@@ -334,7 +334,7 @@ def _rules(names: str, rule: _Rule) -> dict[str, _Rule]:
 #: non-negative integers, learning rates are non-negative, decays and loss weights non-negative, ratios,
 #: probabilities and thresholds lie in [0, 1]. A field whose preset value is None accepts None.
 CONFIG_RULES: dict[str, _Rule] = {
-    **_rules("batch_size total_batch_size batch_size_per_device batch_size_per_image extract_batch_size "
+    **_rules("batch_size total_batch_size batch_size_per_image extract_batch_size "
              "epochs max_iter max_iters accum_iter input_size img_size image_size pretrain_img_size patch_size "
              "embed_dim depth decoder_depth num_heads num_classes channels aux_channels out_channels "
              "window_size test_short_edge test_max_size detections_per_img box_pool_size mask_pool_size k "
