@@ -3,7 +3,7 @@
 In the style of the MAE reference engine (facebookresearch/mae ``engine_pretrain.py`` /
 ``engine_finetune.py`` and ``util/misc.NativeScalerWithGradNormCount``): each task keeps its loop
 readable top to bottom in its own module (``crossmae.pretrain.train_one_epoch``,
-``transfer.coco._run``, ``transfer.ade20k._run``, ``transfer.classification.common.train_one_epoch``)
+``transfer.coco.train``, ``transfer.ade20k.train``, ``transfer.classification.common.train_one_epoch``)
 and calls these steps for the parts that are the same everywhere:
 
 * the per-iteration learning rate: :func:`crossmae.lr_sched.adjust_learning_rate` (MAE's

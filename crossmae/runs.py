@@ -7,7 +7,10 @@ folder (a finished ``metrics.json`` is final: same identity → its result, othe
 validation of every input before anything is written, an exclusive ``fcntl`` lock on ``run.lock``
 for the whole run, resume only with the same identity, removal of stale temporary files,
 ``config.py`` + ``run.json``, and ``metrics.json`` written last (:meth:`RunDir.finish`) with the
-provenance of :func:`provenance`. Training steps shared by the loops are :mod:`crossmae.engine`;
+provenance of :func:`provenance`. Every command drives it through :class:`Run`, the run driver (a
+``RunDir`` that also holds the distributed layout, device, log, TensorBoard writer, checkpoints,
+resume and DDP wrapping; docs/CONTRACTS.md "Run driver"); :func:`batch_layout` is the one batch
+vocabulary ("Run vocabulary"). Training steps shared by the loops are :mod:`crossmae.engine`;
 healthy checkpoints are :class:`crossmae.checkpoint.CheckpointManager`'s.
 """
 from __future__ import annotations
