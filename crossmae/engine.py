@@ -3,7 +3,7 @@
 In the style of the MAE reference engine (facebookresearch/mae ``engine_pretrain.py`` /
 ``engine_finetune.py`` and ``util/misc.NativeScalerWithGradNormCount``): each task keeps its loop
 readable top to bottom in its own module (``crossmae.pretrain.train_one_epoch``,
-``transfer.coco._run``, ``transfer.ade20k._run``, ``transfer.classification.common.train_one_epoch``)
+``transfer.coco.train``, ``transfer.ade20k.train``, ``transfer.classification.common.train_one_epoch``)
 and calls these steps for the parts that are the same everywhere:
 
 * the per-iteration learning rate: :func:`crossmae.lr_sched.adjust_learning_rate` (MAE's
@@ -15,7 +15,9 @@ and calls these steps for the parts that are the same everywhere:
   checkpoint), :func:`backward` (``loss / accum_iter``, through the GradScaler when one is used),
   :func:`optimizer_step` (unscale → optional gradient clipping → step → scaler update → zero grads);
 * :func:`log_scalars` (TensorBoard), :func:`due` (periodic checkpoint / evaluation);
-* checkpoints through :class:`crossmae.checkpoint.CheckpointManager` (healthy states only).
+* checkpoints through :class:`crossmae.checkpoint.CheckpointManager` (healthy states only);
+* evaluation across ranks: :func:`shard` (each item once), :func:`gather_to_main` (per-sample
+  results to rank 0, in dataset order), :func:`reduce_sum` (metric sums over the process group).
 """
 from __future__ import annotations
 
@@ -94,3 +96,51 @@ def log_scalars(writer, values: dict, step: int, prefix: str = "") -> None:
 def due(step: int, interval: int | None, last: bool = False) -> bool:
     """True every ``interval`` steps (counted from 1) and at the ``last`` one."""
     return last or bool(interval) and step % int(interval) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation across ranks: through the process group, never through a shared folder
+# --------------------------------------------------------------------------------------------------
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(n: int) -> range:
+    """The indices ``rank, rank + world, …`` of ``n`` evaluation items this rank handles: every item
+    exactly once over the ranks, none padded or repeated (unlike ``DistributedSampler``, which pads
+    the last round with repeats and would count them twice)."""
+    rank, world = _world()
+    return range(rank, n, world)
+
+
+def gather_to_main(rows: list, key=None) -> list:
+    """Every rank's ``rows`` (picklable per-sample results) concatenated on rank 0 through
+    ``torch.distributed.gather_object`` and sorted by ``key`` when given (e.g. the dataset index, so
+    the list equals a single-process evaluation's); ``[]`` on the other ranks. Without a process
+    group: ``rows`` (sorted by ``key``)."""
+    import torch.distributed as dist
+    rank, world = _world()
+    if world > 1:
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(rows, parts, dst=0)
+        if rank != 0:
+            return []
+        rows = [r for part in parts for r in part]
+    return sorted(rows, key=key) if key is not None else list(rows)
+
+
+def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks in place (``all_reduce``; every rank gets the total) and return
+    it; unchanged without a process group. Integer / float64 counts add up exactly."""
+    import torch.distributed as dist
+    if _world()[1] > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def is_main() -> bool:
+    """True on rank 0 of the process group, or without one."""
+    return _world()[0] == 0

@@ -15,15 +15,16 @@ Output directory (every file written atomically)::
     log.txt                 human-readable log (rank 0)
     log.jsonl               one JSON object per finished epoch (loss, lr, images/s, time)
     tensorboard/            scalars ``train_loss``, ``lr`` (x = epoch·1000, as the reference) and ``epoch_loss``
-    checkpoint-latest.pth   newest state, used to resume (``save_freq`` epochs)
-    checkpoint-<e>.pth      snapshots every ``snapshot_freq`` epochs and the final one (e = 0-based
+    checkpoint-latest.pth   newest state, used to resume (every ``checkpoint_period`` epochs)
+    checkpoint-<e>.pth      snapshots every ``snapshot_period`` epochs and the final one (e = 0-based
                             index of the last finished epoch, as the reference: 800 epochs → 799)
     metrics.json            written last, only when the run finished (task protocol, docs/CONTRACTS.md)
 
 Checkpoints hold the official layout ``{'model', 'optimizer', 'epoch', 'scaler', 'args'}`` (``args`` an
 ``argparse.Namespace`` with the official argument names) plus ``config``, ``history``, ``rng``.
 
-Run lifecycle: :class:`crossmae.runs.RunDir`, shared by every command (a finished folder is final;
+Run lifecycle and driver: :class:`crossmae.runs.Run` (layout, device, folder, checkpoints, resume,
+``metrics.json``), shared by every command (a finished folder is final;
 another config never resumes in the same folder: extend a run with ``--resume FILE`` into a new one).
 
 Resume semantics: epoch-granular. A restarted run continues after the last epoch in
@@ -51,9 +52,9 @@ import torch
 
 from . import engine
 from .checkpoint import CheckpointManager, TrainingDivergedError, unwrap  # noqa: F401  (re-exported)
-from .runs import RunDir, code_version, provenance
+from .runs import Run, batch_layout, code_version, provenance, resolve_device  # noqa: F401  (re-exported)
 from .utils import (REPO_ROOT, UserError, atomic_write_text, cli_entry, config_hash,
-                    init_distributed, is_main_process, load_config, resolve_data_root, safe_torch_load,
+                    is_main_process, load_config, resolve_data_root, safe_torch_load,
                     check_compile_option, maybe_compile, seed_everything, seed_worker, sha256_file)
 from .zoo import resolve_backbone
 
@@ -170,45 +171,15 @@ def official_args(cfg, plan: Plan, *, lr: float, accum_iter: int, world: int, da
 
 
 def accumulation(cfg, world: int) -> int:
-    """Gradient-accumulation steps: ``total_batch_size / (batch_size · world)`` (must divide exactly),
-    or ``cfg.accum_iter`` (default 1) when ``total_batch_size`` is None.
+    """Gradient-accumulation steps of the config on ``world`` processes
+    (:func:`crossmae.runs.batch_layout`: ``total_batch_size / (batch_size · world)``, or
+    ``accum_iter`` (default 1) when ``total_batch_size`` is None).
 
     Raises:
-        UserError: the effective batch is not a multiple of ``batch_size · world``.
+        UserError: the effective batch is not a multiple of ``batch_size · world``, or contradicts
+            ``accum_iter``.
     """
-    if cfg.total_batch_size is None:
-        accum = cfg.accum_iter or 1
-    else:
-        per_step = cfg.batch_size * world
-        if cfg.total_batch_size % per_step:
-            raise UserError(f"config total_batch_size {cfg.total_batch_size} is not a multiple of "
-                            f"batch_size {cfg.batch_size} x {world} processes")
-        accum = cfg.total_batch_size // per_step
-        if cfg.accum_iter is not None and cfg.accum_iter != accum:
-            raise UserError(f"config accum_iter {cfg.accum_iter} contradicts total_batch_size "
-                            f"{cfg.total_batch_size} = {cfg.batch_size} x {world} x {accum}; set one of them")
-    if not isinstance(accum, int) or accum < 1:
-        raise UserError(f"config accum_iter: must be a positive integer, got {accum!r}")
-    return accum
-
-
-def resolve_device(arg: str | None, local_rank: int) -> torch.device:
-    """``--device`` or ``cuda:LOCAL_RANK`` when CUDA is available, else CPU. Raises UserError for CUDA
-    requested on a machine without it or an unparsable name."""
-    if arg is None:
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(arg)
-    except RuntimeError as exc:
-        raise UserError(f"--device {arg!r}: {str(exc).splitlines()[0]}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {arg}: CUDA is not available on this machine")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-    elif dev.type != "cpu":
-        raise UserError(f"--device {arg}: only cpu and cuda are supported")
-    return dev
+    return batch_layout(cfg, world)[1]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -291,7 +262,7 @@ class EpochContext:
     min_lr: float
     warmup_epochs: float
     epochs: int
-    log_freq: int
+    log_period: int
     writer: Any
     ckpts: CheckpointManager
 
@@ -355,7 +326,7 @@ def train_one_epoch(ctx: EpochContext, epoch: int) -> dict:
             eta_total = eta_epoch + elapsed / (step + 1) * ctx.steps_per_epoch * (ctx.epochs - epoch - 1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
             bar.update(1)
-            if main and ((step + 1) % ctx.log_freq == 0 or step + 1 == ctx.steps_per_epoch):
+            if main and ((step + 1) % ctx.log_period == 0 or step + 1 == ctx.steps_per_epoch):
                 log.info(f"epoch {epoch}/{ctx.epochs} step {step + 1}/{ctx.steps_per_epoch} loss {loss_value:.4f} "
                          f"lr {lr:.3e} {ips:.1f} img/s eta epoch {_fmt_time(eta_epoch)} total {_fmt_time(eta_total)}",
                          extra={"console": not show_bar})
@@ -403,15 +374,15 @@ def _main(argv: list[str] | None) -> dict:
     plan = plan_from_config(cfg)
     data_root = resolve_data_root(args.data_root)
     cfg_dict = plain(cfg.to_dict())
-    run = RunDir(args.output_dir, "pretrain", {"config": cfg_dict, "config_name": config_name,
-                                                "data_root": str(data_root.resolve()), "backbone": args.backbone},
-                 config_text(cfg_dict), resume=args.resume or None)
+    run = Run(args.output_dir, "pretrain", {"config": cfg_dict, "config_name": config_name,
+                                             "data_root": str(data_root.resolve()), "backbone": args.backbone},
+              config_text(cfg_dict), resume=args.resume or None, device=args.device)
     if run.finished is not None:
         return run.finished
 
     # --- everything below until the output dir is created only validates ------------------------
-    rank, world, local_rank = init_distributed()
-    device = resolve_device(args.device, local_rank)
+    layout = run.setup()
+    world = layout.world_size
     accum = accumulation(cfg, world)
     seed_everything(int(cfg.seed), bool(cfg.deterministic))
     model = build_model(cfg, plan)
@@ -420,7 +391,7 @@ def _main(argv: list[str] | None) -> dict:
     folder = data_root / cfg.data_subdir
     dataset = build_pretrain_dataset(folder, cfg.input_size, subset=cfg.data_subset, verify=cfg.verify_images,
                                      pipeline=cfg.get("data_pipeline", "cpu"), decoder=cfg.get("decoder", "pil"),
-                                     device=device)
+                                     device=run.device)
     per_rank = math.ceil(len(dataset) / world)
     steps_per_epoch = per_rank // cfg.batch_size // accum
     if steps_per_epoch < 1:
@@ -435,74 +406,73 @@ def _main(argv: list[str] | None) -> dict:
         # every command's --backbone; read and checked before anything is written
         _init_from_backbone(resolve_backbone(args.backbone), model)
 
-    run.start()
-    output_dir = run.out
-    main_proc = is_main_process()
-    try:
-        with run_logging(output_dir, main_proc):
-            return _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, world, accum,
-                        steps_per_epoch, lr, run, main_proc)
-    finally:
-        run.close()
+    job = Job(cfg, plan, config_name, args.backbone, model, dataset, folder, accum, steps_per_epoch, lr)
+    with run.start(), run_logging(run.out, run.main):
+        return train(run, job)
 
 
-def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, world, accum, steps_per_epoch,
-         lr, run, main_proc) -> dict:
-    """The training part of :func:`main` (inputs validated, output dir locked, logging routed)."""
+@dataclass
+class Job:
+    """The validated pretraining job :func:`train` runs (everything read before the folder was taken)."""
+    cfg: Any
+    plan: Plan
+    config_name: str
+    backbone: str | None
+    model: torch.nn.Module
+    dataset: Any
+    folder: Path
+    accum: int
+    steps_per_epoch: int
+    lr: float
+
+
+def train(run: Run, job: Job) -> dict:
+    """The training part of :func:`main` (inputs validated, output dir locked, logging routed): the
+    MAE ``main_pretrain.py`` sequence (model to device, DDP, AdamW, resume, loader, epochs,
+    checkpoints, ``metrics.json``) on the driver ``run``."""
     import timm.optim
-    import torch.distributed as dist
 
     from .data import loader_generator, pretrain_batches
 
+    cfg, plan, model, dataset, accum, lr = job.cfg, job.plan, job.model, job.dataset, job.accum, job.lr
+    device, rank, world = run.device, run.rank, run.world
     output_dir = run.out
     cfg_dict = plain(cfg.to_dict())
     model.to(device)
     maybe_compile(model, cfg.get("compile", False))  # in place: state-dict keys unchanged
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(cfg.find_unused_parameters))
+    ddp_model = run.wrap_ddp(model, find_unused_parameters=bool(cfg.find_unused_parameters))
     groups = timm.optim.param_groups_weight_decay(model, float(cfg.weight_decay))
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
     use_amp = device.type == "cuda" and cfg.amp != "none"
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if use_amp else None
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and cfg.amp == "fp16")
 
-    ns = official_args(cfg, plan, lr=lr, accum_iter=accum, world=world, data_path=str(folder.parent),
-                       output_dir=str(output_dir), device=str(device), config_name=config_name)
-    ckpts = CheckpointManager(output_dir)
+    ns = official_args(cfg, plan, lr=lr, accum_iter=accum, world=world, data_path=str(job.folder.parent),
+                       output_dir=str(output_dir), device=str(device), config_name=job.config_name)
+    ckpts = run.checkpoints()
 
-    # --- resume ----------------------------------------------------------------------------------
-    state = run.load_resume(required=("model", "optimizer", "epoch"))
-    source = run.resume_from
+    # --- resume (epoch-granular: every epoch's randomness is a function of (seed, epoch, rank)) -------
+    state = run.resume(model=model, optimizer=optimizer, scaler=scaler, required=("model", "optimizer", "epoch"),
+                       restore_rng=False, label=lambda st: f"epoch {int(st['epoch'])}")
     history: list[dict] = []
     start_epoch = 0
     if state is not None:
-        _load_training_state(state, source, model, optimizer, scaler)
         start_epoch = int(state["epoch"]) + 1
         history = [h for h in state.get("history", []) if h["epoch"] < start_epoch]
         changed = sorted(k for k in set(cfg_dict) | set(state.get("config", {}))
                          if cfg_dict.get(k) != state.get("config", {}).get(k))
-        ckpts.resumed(source, f"epoch {start_epoch - 1}")
-        log.info(f"resumed from {source} (epoch {start_epoch - 1} finished)"
+        log.info(f"resumed from {run.resume_from} (epoch {start_epoch - 1} finished)"
                  + (f"; config keys changed since: {', '.join(changed)}" if changed else ""))
-    elif args.backbone:
-        log.info(f"initialised all {len(model.state_dict())} tensors from --backbone {args.backbone}")
+    elif job.backbone:
+        log.info(f"initialised all {len(model.state_dict())} tensors from --backbone {job.backbone}")
 
     log.info(f"{cfg.model} ({plan.method}, {plan.arch}) {cfg.input_size}px p={cfg.mask_ratio} "
              f"γ={plan.kept_mask_ratio if plan.kept_mask_ratio is not None else cfg.mask_ratio} on {device} "
-             f"x{world}; {len(dataset)} images in {folder}; batch {cfg.batch_size} x accum {accum} x {world} "
-             f"= {cfg.batch_size * accum * world}; lr {lr:.4g} (blr {cfg.blr}); {steps_per_epoch} steps/epoch; "
+             f"x{world}; {len(dataset)} images in {job.folder}; batch {cfg.batch_size} x accum {accum} x {world} "
+             f"= {cfg.batch_size * accum * world}; lr {lr:.4g} (blr {cfg.blr}); {job.steps_per_epoch} steps/epoch; "
              f"epochs {start_epoch}..{cfg.epochs - 1}; amp {cfg.amp if use_amp else 'off (fp32)'}")
 
-    metrics_path = output_dir / "metrics.json"
-
-    writer = None
-    if main_proc and cfg.tensorboard and start_epoch < cfg.epochs:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
-
+    writer = run.tensorboard(bool(cfg.tensorboard) and start_epoch < cfg.epochs)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=int(cfg.seed))
     generator = loader_generator(0)
@@ -513,44 +483,39 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
         collate_fn=getattr(dataset, "collate_fn", None))
     loader = pretrain_batches(loader, device)  # GPU pipeline: decode + augment on the device
 
-    ctx = EpochContext(ddp_model, loader, optimizer, scaler, device, autocast_dtype, steps_per_epoch, accum,
+    ctx = EpochContext(ddp_model, loader, optimizer, scaler, device, autocast_dtype, job.steps_per_epoch, accum,
                        world, float(cfg.mask_ratio), plan.kept_mask_ratio, lr, float(cfg.min_lr),
-                       float(cfg.warmup_epochs), int(cfg.epochs), max(int(cfg.log_freq), 1), writer, ckpts)
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            sampler.set_epoch(epoch)
-            seed = epoch_seed(int(cfg.seed), epoch, rank)
-            seed_everything(seed)
-            if device.type == "cuda":
-                torch.cuda.manual_seed_all(seed)
-            generator.manual_seed(seed)
-            stats = train_one_epoch(ctx, epoch)
-            history.append(stats)
-            if writer is not None:
-                writer.add_scalar("epoch_loss", stats["loss"], epoch)
-                writer.flush()
-            log.info(f"epoch {epoch} done: loss {stats['loss']:.5f} lr {stats['lr']:.3e} "
-                     f"{stats['images_per_s']:.1f} img/s {stats['time_s']:.1f}s")
-            final = epoch + 1 == cfg.epochs
-            if final or (epoch + 1) % max(int(cfg.save_freq), 1) == 0:
-                snapshot = final or (cfg.snapshot_freq and (epoch + 1) % int(cfg.snapshot_freq) == 0)
-                state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "scaler": scaler_entry(scaler), "args": ns, "config": cfg_dict, "history": history}
-                # every rank checks (unhealthy weights stop all of them); the main process writes
-                ckpts.save(state, step=epoch, periodic=bool(snapshot), label=f"epoch {epoch}", write=main_proc)
-            if main_proc:
-                atomic_write_text("".join(_json_line(h) for h in history), output_dir / "log.jsonl")
-            if world > 1:
-                dist.barrier()
-    finally:
+                       float(cfg.warmup_epochs), int(cfg.epochs), max(int(cfg.log_period), 1), writer, ckpts)
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        seed = epoch_seed(int(cfg.seed), epoch, rank)
+        seed_everything(seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed_all(seed)
+        generator.manual_seed(seed)
+        stats = train_one_epoch(ctx, epoch)
+        history.append(stats)
         if writer is not None:
-            writer.close()
+            writer.add_scalar("epoch_loss", stats["loss"], epoch)
+            writer.flush()
+        log.info(f"epoch {epoch} done: loss {stats['loss']:.5f} lr {stats['lr']:.3e} "
+                 f"{stats['images_per_s']:.1f} img/s {stats['time_s']:.1f}s")
+        final = epoch + 1 == cfg.epochs
+        if final or (epoch + 1) % max(int(cfg.checkpoint_period), 1) == 0:
+            snapshot = final or (cfg.snapshot_period and (epoch + 1) % int(cfg.snapshot_period) == 0)
+            state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "scaler": scaler_entry(scaler), "args": ns, "config": cfg_dict, "history": history}
+            # every rank checks (unhealthy weights stop all of them); the main process writes
+            ckpts.save(state, step=epoch, periodic=bool(snapshot), label=f"epoch {epoch}", write=run.main)
+        if run.main:
+            atomic_write_text("".join(_json_line(h) for h in history), output_dir / "log.jsonl")
+        run.barrier()
 
-    metrics = _metrics(cfg, plan, config_name, args, history, ns, output_dir, device, world)
+    metrics = _metrics(cfg, plan, job.config_name, job.backbone, history, ns, output_dir)
     metrics.update(provenance(run.identity["data_root"], (), num_train=len(dataset), num_eval=0), predictions=None)
     metrics = run.finish(metrics)
-    if main_proc:
-        log.info(f"done: final loss {metrics['metrics']['loss']:.5f}; {metrics_path}")
+    if run.main:
+        log.info(f"done: final loss {metrics['metrics']['loss']:.5f}; {output_dir / 'metrics.json'}")
     return metrics
 
 
@@ -576,21 +541,6 @@ def scaler_entry(scaler: torch.amp.GradScaler) -> dict:
             "_growth_tracker": 0}
 
 
-def _load_training_state(state: dict, source: Path, model, optimizer, scaler) -> None:
-    """Load model / optimizer / scaler from a training checkpoint; a mismatch is a UserError."""
-    for key in ("model", "optimizer", "epoch"):
-        if key not in state:
-            raise UserError(f"{source}: not a pretraining checkpoint (no {key!r} entry)")
-    try:
-        model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise UserError(f"{source}: does not match this config's model/optimizer: "
-                        f"{' '.join(str(exc).split())[:300]}") from None
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-
-
 def _init_from_backbone(path: Path, model) -> None:
     """Strictly load a pretraining checkpoint's ``model`` weights (or a bare state dict) into ``model``."""
     state = safe_torch_load(path)
@@ -608,12 +558,11 @@ def _init_from_backbone(path: Path, model) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def _metrics(cfg, plan, config_name, args, history, ns, output_dir, device, world) -> dict:
+def _metrics(cfg, plan, config_name, backbone, history, ns, output_dir) -> dict:
     final = output_dir / f"checkpoint-{cfg.epochs - 1}.pth"
     total_time = sum(h["time_s"] for h in history)
     total_images = sum(h["images"] for h in history)
     last = history[-1] if history else {"loss": float("nan"), "lr": float("nan")}
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
         "task": "pretrain",
         "protocol": config_name,
@@ -622,12 +571,11 @@ def _metrics(cfg, plan, config_name, args, history, ns, output_dir, device, worl
         "mask_ratio": float(cfg.mask_ratio), "kept_mask_ratio": plan.kept_mask_ratio,
         "lr": ns.lr, "blr": ns.blr, "total_batch_size": ns.total_batch_size,
         "checkpoint": str(final), "checkpoint_sha256": sha256_file(final) if final.is_file() else None,
-        "backbone": args.backbone, "backbone_sha256": sha256_file(resolve_backbone(args.backbone)) if args.backbone else None,
+        "backbone": backbone, "backbone_sha256": sha256_file(resolve_backbone(backbone)) if backbone else None,
         "backbone_report": None,
         "config_hash": config_hash(plain(cfg.to_dict())), "seed": int(cfg.seed),
         "epochs": int(cfg.epochs), "iters": int(sum(h["steps"] for h in history)),
         "wall_time_s": total_time, "images_per_s": total_images / max(total_time, 1e-9),
-        "device": dev_name, "num_gpus": world if device.type == "cuda" else 0,
         "code_version": code_version(),
     }
 

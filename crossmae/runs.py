@@ -7,7 +7,10 @@ folder (a finished ``metrics.json`` is final: same identity → its result, othe
 validation of every input before anything is written, an exclusive ``fcntl`` lock on ``run.lock``
 for the whole run, resume only with the same identity, removal of stale temporary files,
 ``config.py`` + ``run.json``, and ``metrics.json`` written last (:meth:`RunDir.finish`) with the
-provenance of :func:`provenance`. Training steps shared by the loops are :mod:`crossmae.engine`;
+provenance of :func:`provenance`. Every command drives it through :class:`Run`, the run driver (a
+``RunDir`` that also holds the distributed layout, device, log, TensorBoard writer, checkpoints,
+resume and DDP wrapping; docs/CONTRACTS.md "Run driver"); :func:`batch_layout` is the one batch
+vocabulary ("Run vocabulary"). Training steps shared by the loops are :mod:`crossmae.engine`;
 healthy checkpoints are :class:`crossmae.checkpoint.CheckpointManager`'s.
 """
 from __future__ import annotations
@@ -324,6 +327,225 @@ class RunDir:
         return result
 
 
+class Run(RunDir):
+    """The run driver every training / evaluation command starts from: the :class:`RunDir`
+    lifecycle (lock, identity, finished-run finality, validation before writes) plus the run's
+    distributed layout, device, log, TensorBoard writer, checkpoints, resume, DDP wrapping and the
+    common ``metrics.json`` provenance. Each task keeps its protocol (model, data, loop) in its own
+    module, in the order of the MAE reference ``main_pretrain.py``::
+
+        run = Run(args.output_dir, TASK, identity, config_text, resume=args.resume, device=args.device)
+        if run.finished is not None:          # same run already done: nothing is written
+            return run.finished
+        layout = run.setup()                  # process group (world > 1) + run.device = cuda:<local rank> | cpu
+        ... validate every input (nothing written) ...
+        with run.start():                     # lock, resume check, config.py / run.json; closes everything
+            log = run.open_log()              # <out>/log.txt (main process) + stderr
+            ckpt = run.checkpoints(keep)      # crossmae.checkpoint.CheckpointManager of <out>
+            state = run.resume(model=..., optimizer=..., required=(...), label=lambda s: f"epoch {s['epoch']}")
+            ddp_model = run.wrap_ddp(model)
+            tb = run.tensorboard()            # <out>/tensorboard on the main process, else None
+            ... the task's loop ...
+            return run.finish(result)         # + run_hash, code_version, layout, device; metrics.json last
+
+    Attributes (after :meth:`setup`): ``layout`` (:class:`crossmae.distributed.Layout`: rank, world
+    size, local rank, node rank, number of nodes, master address, launcher), ``device``
+    (``cuda:<local rank>`` or ``--device``; never the global rank), ``rank``, ``world``, ``main``.
+
+    Raises (``UserError``): everything :class:`RunDir` raises; in :meth:`setup` a ``--device`` that
+    is unparsable, not cpu/cuda, or cuda on a machine without it.
+    """
+
+    def __init__(self, output_dir: str | Path, task: str, identity: dict, config_text: str,
+                 resume: str | None = None, device: str | None = None):
+        from . import distributed
+        self.layout = distributed.layout_from_env()   # ranks from the environment; no process group yet
+        super().__init__(output_dir, task, identity, config_text, resume=resume,
+                         main_process=None if self.layout.world_size == 1 else self.layout.is_main)
+        self.device_arg = device
+        self.device = self.layout.device
+        self.log: logging.Logger | None = None
+        self.tb = None
+        self.ckpt = None
+        self.t_start = time.time()
+
+    @property
+    def rank(self) -> int:
+        return self.layout.rank
+
+    @property
+    def world(self) -> int:
+        return self.layout.world_size
+
+    def setup(self, timeout_s: float | None = None):
+        """Initialise the process group when the job has more than one process
+        (:func:`crossmae.distributed.setup`) and choose the device (:func:`resolve_device`: ``--device``,
+        else ``cuda:<local rank>`` when CUDA is available, else CPU). Returns the layout."""
+        from . import distributed
+        self.layout = distributed.setup(timeout_s=timeout_s)
+        self.main = self.layout.is_main
+        self.device = resolve_device(self.device_arg, self.layout.local_rank)
+        return self.layout
+
+    def start(self, required=("model",)) -> "Run":
+        """:meth:`RunDir.start`; use as ``with run.start():`` so that :meth:`close` runs at the end.
+        ``t_start`` (the session's wall-clock start) is reset here."""
+        super().start(required)
+        self.t_start = time.time()
+        return self
+
+    def open_log(self, name: str | None = None) -> logging.Logger:
+        """The run's logger (:func:`get_logger`: ``<out>/log.txt`` and stderr on the main process,
+        warnings only elsewhere); closed by :meth:`close`."""
+        self.log = get_logger(self.out, name or self.task)
+        return self.log
+
+    def tensorboard(self, enabled: bool = True):
+        """A TensorBoard writer in ``<out>/tensorboard`` on the main process (``None`` elsewhere or when
+        not ``enabled``); flushed and closed by :meth:`close`."""
+        if enabled and self.main and self.tb is None:
+            self.tb = tb_writer(self.out)
+        return self.tb if enabled else None
+
+    def checkpoints(self, keep: int = 0):
+        """The run's :class:`crossmae.checkpoint.CheckpointManager` (``keep`` newest periodic
+        snapshots, 0 = all)."""
+        from .checkpoint import CheckpointManager
+        self.ckpt = CheckpointManager(self.out, keep=keep)
+        return self.ckpt
+
+    def resume(self, *, model=None, optimizer=None, scaler=None, required=("model", "optimizer", "epoch"),
+               label=None, restore_rng: bool = True, strict: bool = True) -> dict | None:
+        """Load the state to resume from (:meth:`RunDir.load_resume`), or return ``None`` for a fresh run.
+
+        ``state['model']`` goes into ``model`` (DDP / compile wrappers stripped), ``state['optimizer']``
+        into ``optimizer``, a non-empty ``state['scaler']`` into ``scaler``; with ``restore_rng`` the
+        RNG states it holds are restored (:func:`crossmae.checkpoint.set_rng_state`). The checkpoint
+        manager (:meth:`checkpoints`, created first) records it as the last good checkpoint under
+        ``label(state)`` (e.g. "epoch 3").
+
+        Raises:
+            UserError: the checkpoint lacks a ``required`` key, or its tensors do not fit the model /
+                optimizer (one line naming the file).
+        """
+        from .checkpoint import load_state, set_rng_state, unwrap
+        state = self.load_resume(required=required)
+        if state is None:
+            return None
+        try:
+            if model is not None:
+                unwrap(model).load_state_dict(state["model"], strict=strict)
+            load_state(optimizer, state.get("optimizer"))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"{self.resume_from}: does not match this config "
+                            f"({' '.join(str(exc).split())[:200]})") from None
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if restore_rng and "rng" in state:
+            set_rng_state(state["rng"])
+        if self.ckpt is not None:
+            self.ckpt.resumed(self.resume_from, label(state) if label else "resumed")
+        return state
+
+    def wrap_ddp(self, model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+        """``DistributedDataParallel(model, device_ids=[local device] on CUDA, **kwargs)`` when the
+        job has more than one process, else ``model`` itself."""
+        if self.world <= 1:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **kwargs)
+
+    def barrier(self) -> None:
+        """Wait for every rank (:func:`crossmae.distributed.barrier`, with its timeout)."""
+        from . import distributed
+        distributed.barrier()
+
+    def provenance_common(self) -> dict:
+        """What every ``metrics.json`` records about where it ran: the layout
+        (``world_size``, ``num_nodes``, ``devices_per_node``, ``device_type``, ``launcher``), the
+        ``device`` name and ``num_gpus`` (world size on CUDA, else 0)."""
+        return {**self.layout.as_metrics(), "device": device_name(self.device),
+                "num_gpus": self.world if self.device.type == "cuda" else 0}
+
+    def finish(self, result: dict) -> dict:
+        """:meth:`RunDir.finish` with :meth:`provenance_common` added (keys the task set win)."""
+        return super().finish({**self.provenance_common(), **result})
+
+    def close(self) -> None:
+        """Close the TensorBoard writer and the log, release the lock."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.log is not None:
+            close_logger(self.log)
+            self.log = None
+        super().close()
+
+
+def resolve_device(arg: str | None, local_rank: int) -> torch.device:
+    """``--device`` (``cpu``, ``cuda`` = ``cuda:<local rank>``, ``cuda:N``), else ``cuda:<local rank>``
+    when CUDA is available, else CPU. The local rank, never the global one, indexes the GPUs of a node.
+
+    Raises:
+        UserError: an unparsable name, a type other than cpu / cuda, or cuda without CUDA.
+    """
+    if arg is None:
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(arg)
+    except RuntimeError as exc:
+        raise UserError(f"--device {arg!r}: {str(exc).splitlines()[0]}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {arg}: CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    elif dev.type != "cpu":
+        raise UserError(f"--device {arg}: only cpu and cuda are supported")
+    return dev
+
+
+def batch_layout(section, world: int, where: str = "config") -> tuple[int, int, int]:
+    """``(batch_size, accum_iter, total_batch_size)`` of a config section: the one batch vocabulary
+    of every command (docs/CONTRACTS.md "Run vocabulary").
+
+    ``batch_size`` is the micro-batch of ONE device (process) per forward pass (MAE's per-GPU
+    ``--batch_size``, mmseg's ``train_dataloader.batch_size``); ``total_batch_size`` is the
+    effective batch of one optimizer step over all devices and accumulation steps (detectron2's
+    ``dataloader.train.total_batch_size``; MAE's ``eff_batch_size`` from which ``lr = blr · total / 256``);
+    ``accum_iter`` the micro-batches per optimizer step. ``total = batch_size · accum_iter · world``;
+    any value left None is derived from the others (``accum_iter`` defaults to 1 when it cannot be
+    derived), so a preset giving ``total_batch_size`` keeps its effective batch on any number of devices.
+
+    Raises:
+        UserError: the given values do not satisfy the product, or none of batch_size / total is given.
+    """
+    per, accum, total = section.get("batch_size"), section.get("accum_iter"), section.get("total_batch_size")
+    if per is None and total is None:
+        raise UserError(f"{where}: set batch_size (per device) or total_batch_size (per optimizer step)")
+    if per is None:
+        accum = accum or 1
+        if total % (world * accum):
+            raise UserError(f"{where} total_batch_size {total} is not a multiple of {world} processes x "
+                            f"accum_iter {accum}")
+        per = total // (world * accum)
+    elif total is None:
+        accum = accum or 1
+        total = per * accum * world
+    else:
+        if total % (per * world):
+            raise UserError(f"{where} total_batch_size {total} is not a multiple of batch_size {per} x "
+                            f"{world} processes")
+        derived = total // (per * world)
+        if accum is not None and accum != derived:
+            raise UserError(f"{where} accum_iter {accum} contradicts total_batch_size {total} = batch_size "
+                            f"{per} x {world} processes x {derived}; set one of them")
+        accum = derived
+    if not isinstance(accum, int) or accum < 1:
+        raise UserError(f"{where} accum_iter: must be a positive integer, got {accum!r}")
+    return int(per), int(accum), int(total)
+
+
 def provenance(data_root: str | Path, files=(), *, num_train: int, num_eval: int) -> dict:
     """The provenance keys of ``metrics.json`` (CONTRACTS.md): ``data_root`` (absolute),
     ``data_files`` ``{absolute path: sha256}`` of each annotation / list file read (folders and
@@ -338,12 +560,12 @@ def provenance(data_root: str | Path, files=(), *, num_train: int, num_eval: int
 
 
 def prepare_run(cfg, output_dir: str | Path, resume: str | None, task: str = "run",
-                identity: dict | None = None) -> RunDir:
-    """A :class:`RunDir` for an mmengine ``cfg`` (identity = its resolved dict + ``identity``),
+                identity: dict | None = None, device: str | None = None) -> "Run":
+    """The driver :class:`Run` for an mmengine ``cfg`` (identity = its resolved dict + ``identity``),
     config text ``cfg.pretty_text``. The caller returns ``run.finished`` when it is not None, else
-    calls ``run.start()`` once its inputs are validated."""
+    calls ``run.setup()``, validates its inputs and then ``run.start()``."""
     ident = {"config": cfg.to_dict(), **(identity or {})}
-    return RunDir(output_dir, task, ident, cfg.pretty_text, resume=resume)
+    return Run(output_dir, task, ident, cfg.pretty_text, resume=resume, device=device)
 
 
 def get_logger(out: Path, name: str) -> logging.Logger:
@@ -372,12 +594,18 @@ def close_logger(log: logging.Logger) -> None:
         h.close()
 
 
+#: The TensorBoard folder of every command's run (``<output-dir>/tensorboard``). Runs made before
+#: the driver unified it wrote the transfer tasks' events to ``tb/``; nothing reads either folder
+#: back, so an old run folder keeps its ``tb/`` untouched and a resumed run continues in ``tensorboard/``.
+TENSORBOARD_DIR = "tensorboard"
+
+
 def tb_writer(out: Path):
-    """A TensorBoard ``SummaryWriter`` in ``<out>/tb`` on the main process, else ``None``."""
+    """A TensorBoard ``SummaryWriter`` in ``<out>/tensorboard`` on the main process, else ``None``."""
     if not is_main_process():
         return None
     from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(log_dir=str(out / "tb"))
+    return SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
 
 
 def report_dict(report) -> dict:
@@ -412,20 +640,18 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def finish_run(run: "RunDir", *, task: str, protocol: str, metrics: dict, cfg, backbone: str, sha: str,
-               report, epochs: int, wall_time_s: float, device: torch.device, extra: dict | None = None) -> dict:
-    """Assemble the metrics dict of CONTRACTS.md and write ``metrics.json`` through
-    :meth:`RunDir.finish` (atomically, last, main process). ``extra`` carries the provenance keys
-    (:func:`provenance`) and ``predictions``. Returns the dict."""
-    import torch.distributed as dist
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def finish_run(run: "Run", *, task: str, protocol: str, metrics: dict, cfg, backbone: str, sha: str,
+               report, epochs: int, wall_time_s: float, extra: dict | None = None) -> dict:
+    """Assemble the metrics dict of CONTRACTS.md for a backbone-evaluation run and write
+    ``metrics.json`` through :meth:`Run.finish` (atomically, last, main process; the driver adds the
+    layout, device and ``run_hash``). ``extra`` carries the provenance keys (:func:`provenance`) and
+    ``predictions``. Returns the dict."""
     res = {
         "task": task, "protocol": protocol,
         "metrics": {k: float(v) for k, v in metrics.items()},
         "backbone": str(backbone), "backbone_sha256": sha, "backbone_report": report_dict(report),
         "config_hash": config_hash(cfg.to_dict()), "seed": int(cfg.seed), "epochs": int(epochs),
-        "wall_time_s": float(wall_time_s), "device": device_name(device), "num_gpus": world if device.type == "cuda" else 0, "world_size": world,
-        "code_version": code_version(),
+        "wall_time_s": float(wall_time_s), "code_version": code_version(),
     }
     if extra:
         res.update(extra)

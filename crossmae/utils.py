@@ -240,7 +240,9 @@ def load_config(config: str | os.PathLike, cfg_options: Iterable[str] | None = N
         raise UserError(f"{path}: cannot parse config: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     overrides = parse_cfg_options(cfg_options)
     as_dict = cfg.to_dict()
+    check_run_vocabulary(path, as_dict)
     for key, value in overrides.items():
+        check_run_vocabulary(path, {key: value}, "--cfg-options ")
         node = as_dict
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
@@ -251,6 +253,37 @@ def load_config(config: str | os.PathLike, cfg_options: Iterable[str] | None = N
         cfg.merge_from_dict(overrides)
     check_config_values(path, cfg.to_dict())
     return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# the run vocabulary (docs/CONTRACTS.md "Run vocabulary"): one name per run concept in every command
+# --------------------------------------------------------------------------------------------------
+#: Old names of the run concepts the driver reads → their one name in every command's config.
+#: Periods count the task's own step (epochs for epoch-based tasks, iterations for iteration-based).
+RENAMED_KEYS: dict[str, str] = {
+    "log_freq": "log_period", "log_interval": "log_period",
+    "save_freq": "checkpoint_period", "checkpoint_interval": "checkpoint_period",
+    "snapshot_freq": "snapshot_period", "save_interval": "snapshot_period",
+    "eval_interval": "eval_period", "val_interval": "eval_period",
+    "batch_size_per_device": "batch_size",
+}
+
+
+def check_run_vocabulary(path: str | os.PathLike, cfg_dict: dict, what: str = "config ", prefix: str = "") -> None:
+    """Refuse a config (or ``--cfg-options``) key that uses an old name of a run concept
+    (:data:`RENAMED_KEYS`), at any depth.
+
+    Raises:
+        UserError: ``<file>: config train.log_interval was renamed: use train.log_period``.
+    """
+    for k, v in cfg_dict.items():
+        key = f"{prefix}{k}"
+        last = key.rsplit(".", 1)[-1]
+        if last in RENAMED_KEYS:
+            new = key[: len(key) - len(last)] + RENAMED_KEYS[last]
+            raise UserError(f"{path}: {what}{key} was renamed: use {new} (docs/CONTRACTS.md, run vocabulary)")
+        if isinstance(v, dict):
+            check_run_vocabulary(path, v, what, key + ".")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,15 +334,13 @@ def _rules(names: str, rule: _Rule) -> dict[str, _Rule]:
 #: non-negative integers, learning rates are non-negative, decays and loss weights non-negative, ratios,
 #: probabilities and thresholds lie in [0, 1]. A field whose preset value is None accepts None.
 CONFIG_RULES: dict[str, _Rule] = {
-    **_rules("batch_size total_batch_size batch_size_per_device batch_size_per_image extract_batch_size "
+    **_rules("batch_size total_batch_size batch_size_per_image extract_batch_size "
              "epochs max_iter max_iters accum_iter input_size img_size image_size pretrain_img_size patch_size "
              "embed_dim depth decoder_depth num_heads num_classes channels aux_channels out_channels "
              "window_size test_short_edge test_max_size detections_per_img box_pool_size mask_pool_size k "
-             "data_subset max_images log_interval log_period checkpoint_interval checkpoint_period "
-             "eval_interval", _Rule(int, 1)),
-    **_rules("num_workers warmup_epochs warmup_iters save_freq snapshot_freq save_interval val_interval "
-             "eval_period log_freq keep_checkpoints num_overlays aux_num_convs conv_depth sampling_ratio "
-             "recount aux_in_index", _Rule(int, 0)),
+             "data_subset max_images log_period checkpoint_period", _Rule(int, 1)),
+    **_rules("num_workers warmup_epochs warmup_iters snapshot_period eval_period keep_checkpoints num_overlays "
+             "aux_num_convs conv_depth sampling_ratio recount aux_in_index", _Rule(int, 0)),
     **_rules("blr lr", _Rule(float, 0)),   # 0 is a frozen run (tests use it), negative is an error
     **_rules("temperature mlp_ratio head_init_std gamma power", _Rule(float, 0, lo_open=True)),
     **_rules("warmup_factor warmup_start_factor layer_decay", _Rule(float, 0, 1, lo_open=True)),

@@ -138,7 +138,7 @@ def test_paper_schedule_values():
     assert f(160000) == 0.0
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.optimizer.layer_decay) == (1e-4, 0.05, 0.65)
     assert cfg.model.out_indices == (3, 5, 7, 11) and cfg.model.channels == 768
-    assert cfg.test.stride == (341, 341) and cfg.train.batch_size == 16
+    assert cfg.test.stride == (341, 341) and cfg.train.total_batch_size == 16
 
 
 def test_paper_model_builds_at_512():

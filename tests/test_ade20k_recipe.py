@@ -133,10 +133,11 @@ def compare_b(chk: RecipeCheck, ours, ref) -> None:
     chk.eq("dataset folder", dd.dataset.split("/")[-1], ref.data_root.split("/")[-1])
     chk.eq("num_workers", dd.num_workers, ref.train_dataloader.num_workers)
     chk.eq("val batch_size", 1, ref.val_dataloader.batch_size)  # ours: one image at a time (sizes differ)
-    # batch: the file name says <GPUs>x b<per GPU>; ours is the global batch
+    # batch: the file name says <GPUs>x b<per GPU>; ours gives the global batch, per device derived on <GPUs>
     gpus, per_gpu = map(int, re.search(r"_(\d+)xb(\d+)", MAE_B).groups())
-    chk.eq("train_dataloader.batch_size", per_gpu, ref.train_dataloader.batch_size)
-    chk.eq("global batch (GPUs x per GPU)", ours.train.batch_size, gpus * ref.train_dataloader.batch_size)
+    from crossmae.runs import batch_layout
+    chk.eq("train_dataloader.batch_size", batch_layout(ours.train, gpus)[0], ref.train_dataloader.batch_size)
+    chk.eq("global batch (GPUs x per GPU)", ours.train.total_batch_size, gpus * ref.train_dataloader.batch_size)
     # optimiser
     o, ow = ours.optimizer, ref.optim_wrapper
     chk.eq("optimizer.type", "AdamW", ow.optimizer.type)
@@ -162,14 +163,14 @@ def compare_b(chk: RecipeCheck, ours, ref) -> None:
                                               s.power), poly.eta_min)
     chk.eq("by_epoch", False, warm.by_epoch or poly.by_epoch)
     chk.eq("train_cfg.max_iters", s.max_iters, ref.train_cfg.max_iters)
-    chk.eq("train_cfg.val_interval", ours.train.val_interval, ref.train_cfg.val_interval)
-    chk.eq("checkpoint interval", ours.train.checkpoint_interval, ref.default_hooks.checkpoint.interval)
-    chk.eq("log interval", ours.train.log_interval, ref.default_hooks.logger.interval)
+    chk.eq("train_cfg.val_interval", ours.train.eval_period, ref.train_cfg.val_interval)
+    chk.eq("checkpoint interval", ours.train.checkpoint_period, ref.default_hooks.checkpoint.interval)
+    chk.eq("log interval", ours.train.log_period, ref.default_hooks.logger.interval)
     chk.eq("precision", ours.train.amp, ref.get("fp16"))
 
 
 B_EXCEPTIONS = {
-    # mmseg validates every 16k iterations; ours evaluates once at the end (train.val_interval adds
+    # mmseg validates every 16k iterations; ours evaluates once at the end (train.eval_period adds
     # periodic ones). Reporting only: the final model and its mIoU are unaffected.
     "train_cfg.val_interval": (0, 16000),
     # the file's `fp16=dict(loss_scale='dynamic')` is an mmseg 0.x key that mmseg 1.x ignores (fp32

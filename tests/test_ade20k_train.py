@@ -57,7 +57,7 @@ def test_few_iterations_reduce_the_loss(coco_root, ckpt):
 def _run(out, ckpt, *extra, opts=()):
     argv = ["--backbone", str(ckpt), "--config", "smoke", "--output-dir", str(out),
             "--cfg-options", *FAST_OPTIONS, "schedule.max_iters=4", "schedule.warmup_iters=2",
-            "train.checkpoint_interval=2", *opts, *extra]
+            "train.checkpoint_period=2", *opts, *extra]
     return ade20k.main(argv)
 
 

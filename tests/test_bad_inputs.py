@@ -96,7 +96,7 @@ CFG_CASES = [
     (_pretrain, "model=3", ["--cfg-options model=3: expected a string", "got an integer"]),
     (_pretrain, "weight_decay=-0.05", ["--cfg-options weight_decay=-0.05: expected a number >= 0"]),
     (_coco, "train.max_iter=abc", [f"{COCO}: --cfg-options train.max_iter='abc': expected an integer >= 1"]),
-    (_coco, "train.batch_size_per_device=0", ["--cfg-options train.batch_size_per_device=0: expected an integer >= 1"]),
+    (_coco, "train.batch_size=0", ["--cfg-options train.batch_size=0: expected an integer >= 1"]),
     (_coco, "optim.lr=abc", ["--cfg-options optim.lr='abc': expected a number >= 0"]),
     (_coco, "data.flip_prob=1.5", ["--cfg-options data.flip_prob=1.5: expected a number in [0, 1]"]),
     (_ade20k, "schedule.max_iters=abc", [f"{ADE}: --cfg-options schedule.max_iters='abc': expected an integer >= 1"]),
@@ -108,6 +108,14 @@ CFG_CASES = [
     (_finetune, "mixup=True", ["--cfg-options mixup=True: expected a number >= 0", "got a boolean"]),
     (_inat_linprobe, "fast.blrs=[0.1,-1.0]", [f"{INAT_LP}: --cfg-options fast.blrs=[0.1, -1.0]: expected a list of numbers > 0"]),
     (_inat_linprobe, "fast.epochs=-3", ["--cfg-options fast.epochs=-3: expected an integer >= 1 (or None)"]),
+    # the run vocabulary (CONTRACTS.md): an old name of a run concept is refused naming the new key
+    (_pretrain, "log_freq=5", [f"{PRE}: --cfg-options log_freq was renamed: use log_period"]),
+    (_pretrain, "save_freq=2", ["--cfg-options save_freq was renamed: use checkpoint_period"]),
+    (_coco, "train.batch_size_per_device=1", ["--cfg-options train.batch_size_per_device was renamed: use train.batch_size"]),
+    (_ade20k, "train.log_interval=1", ["--cfg-options train.log_interval was renamed: use train.log_period"]),
+    (_ade20k, "train.val_interval=5", ["--cfg-options train.val_interval was renamed: use train.eval_period"]),
+    (_finetune, "save_interval=5", ["--cfg-options save_interval was renamed: use snapshot_period"]),
+    (_inat_linprobe, "fast.checkpoint_interval=1", ["fast.checkpoint_interval was renamed: use fast.checkpoint_period"]),
 ]
 
 
@@ -130,6 +138,9 @@ def test_bad_value_in_a_config_file_is_refused(tmp_path, data_root, capsys):
     _fails(pretrain.main, ["--config", str(cfg), "--data-root", str(data_root), "--output-dir", str(out)], capsys,
            f"{cfg}: config batch_size=0: expected an integer >= 1")
     assert not out.exists()
+    cfg.write_text(f"_base_ = ['{ADE}']\ntrain = dict(checkpoint_interval=5)\n")   # an old name in a file
+    _fails(pretrain.main, ["--config", str(cfg), "--data-root", str(data_root), "--output-dir", str(out)], capsys,
+           f"{cfg}: config train.checkpoint_interval was renamed: use train.checkpoint_period")
     cfg.write_text(f"_base_ = ['{FT}']\naug = dict(reprob=2.0)\n")
     with pytest.raises(UserError, match=r"mine\.py: config aug\.reprob=2\.0: expected a number in \[0, 1\]"):
         load_config(cfg)

@@ -24,7 +24,7 @@ class Preempted(Exception):
 
 def test_finetune_resume_equals_uninterrupted(tiny_crossmae_ckpt, data_root, tmp_path, monkeypatch,  # noqa: F811
                                               optimizer_steps, user_error):
-    opts = ("epochs=3", "eval_interval=1")
+    opts = ("epochs=3", "eval_period=1")
     optimizer_steps.reset()
     full = finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "full", *opts))
     per_epoch, rest = divmod(optimizer_steps.n, 3)
@@ -58,7 +58,7 @@ def test_finetune_resume_equals_uninterrupted(tiny_crossmae_ckpt, data_root, tmp
                 "epochs", "wall_time_s", "device", "num_gpus", "code_version", "selection_split"):
         assert key in m
     assert m["epochs"] == 3 and set(m["metrics"]) >= {"top1", "top5"}
-    assert (tmp_path / "full" / "config.py").exists() and list((tmp_path / "full" / "tb").iterdir())
+    assert (tmp_path / "full" / "config.py").exists() and list((tmp_path / "full" / "tensorboard").iterdir())
     # a finished run is final (the same command returns its result, writing nothing), and a resumed
     # run must keep its config
     again = finetune.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "full", *opts))
@@ -110,4 +110,4 @@ def test_inat_finetune_beats_chance(tiny_crossmae_ckpt, data_root, tmp_path):  #
 #: Measured with conftest's 1-epoch tiny CrossMAE (xavier-uniform inter-block init), correct of 40 for
 #: seeds 0 / 1 / 2: 29 / 29 / 25 at 128 px x 25 epochs; 64 px x 15 epochs gave only 26 / 25 / 24.
 BEATS_CHANCE_OPTS = ("epochs=25", "input_size=128", "blr=0.02", "smoothing=0.0", "warmup_epochs=2",
-                     "eval_interval=25", "mixup=0", "cutmix=0", "aug.auto_augment=None", "aug.reprob=0")
+                     "eval_period=25", "mixup=0", "cutmix=0", "aug.auto_augment=None", "aug.reprob=0")

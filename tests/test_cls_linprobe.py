@@ -63,7 +63,7 @@ class Preempted(Exception):
 def test_fast_probe_resume_and_blocks_curve(tiny_crossmae_ckpt, data_root, tmp_path, monkeypatch,  # noqa: F811
                                            optimizer_steps):
     cache = tmp_path / "cache"
-    opts = ("protocol=fast", "fast.checkpoint_interval=1")
+    opts = ("protocol=fast", "fast.checkpoint_period=1")
     optimizer_steps.reset()
     full = linprobe.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "full", cache, *opts))
     epochs = len(full["history"])
@@ -100,7 +100,7 @@ def test_fast_probe_resume_and_blocks_curve(tiny_crossmae_ckpt, data_root, tmp_p
 def test_mae_protocol_on_places_and_knn_on_inat(tiny_crossmae_ckpt, data_root, tmp_path, user_error):  # noqa: F811
     from crossmae import load_backbone
     cache = tmp_path / "cache"
-    res = places.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "pl", cache, "epochs=2", "batch_size=32") + ["--protocol", "linprobe"])
+    res = places.main(_argv(tiny_crossmae_ckpt, data_root, tmp_path / "pl", cache, "epochs=2", "total_batch_size=32") + ["--protocol", "linprobe"])
     assert res["task"] == "places" and res["protocol"] == "linprobe_mae" and res["num_classes"] == 365
     assert res["feature_norm"] == "paramfree_ln" and res["pooling"] == "token"
     st = torch.load(tmp_path / "pl" / "checkpoint-latest.pth", weights_only=False)["model"]

@@ -260,7 +260,7 @@ def test_presets_equal_finetune_md_commands():
         cfg = preset(family, name)
         where = f"configs/{family}/{name}.py vs FINETUNE.md {a.model}"
         assert cfg.arch == a.model, where
-        assert cfg.batch_size == c["effective_batch"], (where, cfg.batch_size, c["effective_batch"])
+        assert cfg.total_batch_size == c["effective_batch"], (where, cfg.total_batch_size, c["effective_batch"])
         assert cfg.global_pool == ("avg" if a.global_pool else "token"), where
         for ours, theirs in (FT_KEYS if family == "finetune" else LP_KEYS).items():
             assert _get(cfg, ours) == getattr(a, theirs), (where, ours, _get(cfg, ours), getattr(a, theirs))

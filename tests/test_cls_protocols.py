@@ -241,14 +241,14 @@ def test_paper_presets_carry_reference_values():
     from crossmae.utils import REPO_ROOT
     c = lambda p: Config.fromfile(str(REPO_ROOT / "configs" / p))  # noqa: E731
     b = c("finetune/paper_vit_base.py")
-    assert (b.epochs, b.batch_size, b.blr, b.layer_decay, b.drop_path, b.weight_decay, b.warmup_epochs,
+    assert (b.epochs, b.total_batch_size, b.blr, b.layer_decay, b.drop_path, b.weight_decay, b.warmup_epochs,
             b.min_lr) == (100, 1024, 5e-4, 0.65, 0.1, 0.05, 5, 1e-6)
     assert (b.aug.auto_augment, b.mixup, b.cutmix, b.smoothing, b.aug.reprob, b.global_pool, b.head_init_std,
             b.input_size) == ("rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.1, 0.25, "avg", 2e-5, 224)
     lg = c("finetune/paper_vit_large.py")
     assert (lg.epochs, lg.blr, lg.layer_decay, lg.drop_path, lg.arch) == (50, 1e-3, 0.75, 0.2, "vit_large_patch16")
     lp = c("linprobe/paper_vit_base.py")
-    assert (lp.epochs, lp.batch_size, lp.blr, lp.weight_decay, lp.warmup_epochs, lp.min_lr, lp.protocol) == \
+    assert (lp.epochs, lp.total_batch_size, lp.blr, lp.weight_decay, lp.warmup_epochs, lp.min_lr, lp.protocol) == \
         (90, 16384, 0.1, 0.0, 10, 0.0, "mae")
     for ds, n in (("inat", 1010), ("places", 365)):
         d = c(f"{ds}/paper_vit_base.py")

@@ -119,7 +119,7 @@ def test_ddp_two_processes_with_accumulation(tmp_path, data_root, tiny_mae_offic
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29761",
            "-m", "transfer.coco", "--config", "smoke", "--backbone", str(tiny_mae_official),
            "--output-dir", str(out), "--cfg-options", *OPTS, "train.max_iter=1", "train.total_batch_size=4",
-           "train.batch_size_per_device=1"]
+           "train.batch_size=1"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
                        cwd=str(coco.REPO_ROOT))
     assert r.returncode == 0, r.stderr[-2000:]

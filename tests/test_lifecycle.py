@@ -53,7 +53,7 @@ def cmds(data_root, tiny_mae_official, tiny_crossmae_ckpt, tmp_path_factory):
                     COCO_OPTS),
         "ade20k": Cmd("ade20k", ade20k.main, ["--backbone", str(ade_ckpt), "--config", "smoke", "--data-root",
                                               str(data_root)],
-                      [*ADE_FAST, "schedule.max_iters=2", "schedule.warmup_iters=1", "train.checkpoint_interval=1"]),
+                      [*ADE_FAST, "schedule.max_iters=2", "schedule.warmup_iters=1", "train.checkpoint_period=1"]),
         "finetune": Cmd("finetune", finetune.main, ft, ["epochs=1", "deterministic=True"]),
         "linprobe": Cmd("linprobe", linprobe.main, ft, [f"fast.cache_dir={cache}", "protocol=knn"]),
         "places": Cmd("places", places.main, [*ft, "--protocol", "linprobe"],
@@ -138,7 +138,7 @@ def test_second_process_on_a_locked_folder_exits_2_naming_the_holder(cmds, tmp_p
 # 2. a finished run is final
 # --------------------------------------------------------------------------------------------------
 OTHER_VALUE = {"pretrain": ["epochs=6", "lr=1e30"], "coco": ["optim.lr=0.5"], "ade20k": ["optimizer.lr=0.5"],
-               "finetune": ["blr=0.5"], "linprobe": ["batch_size=8"], "places": ["batch_size=8"]}
+               "finetune": ["blr=0.5"], "linprobe": ["total_batch_size=8"], "places": ["total_batch_size=8"]}
 
 
 def test_finished_run_is_final_for_every_command(cmds, finished, capsys):

@@ -20,7 +20,7 @@ from crossmae.utils import REPO_ROOT, safe_torch_load, sha256_file
 
 # 16 images, 4 per micro-batch, 2 micro-batches per step: 2 optimizer steps per epoch.
 FAST = ["data_subset=16", "batch_size=4", "total_batch_size=8", "num_workers=0", "tensorboard=False",
-        "verify_images=False", "log_freq=1", "warmup_epochs=1"]
+        "verify_images=False", "log_period=1", "warmup_epochs=1"]
 
 
 
@@ -35,7 +35,7 @@ def straight(tmp_path_factory, data_root):
     """An uninterrupted 3-epoch CrossMAE run (TensorBoard on, snapshot every 2 epochs)."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("straight")
-    metrics = run(out, data_root, "epochs=3", "tensorboard=True", "snapshot_freq=2", "deterministic=True")
+    metrics = run(out, data_root, "epochs=3", "tensorboard=True", "snapshot_period=2", "deterministic=True")
     return out, metrics
 
 
@@ -44,7 +44,7 @@ def test_run_writes_official_checkpoint_and_contract_files(straight):
     names = {p.name for p in out.iterdir()}
     assert {"config.py", "log.txt", "log.jsonl", "metrics.json", LATEST, "checkpoint-1.pth",
             "checkpoint-2.pth"} <= names
-    assert "checkpoint-0.pth" not in names  # snapshot_freq=2: epochs 1 (2nd) and 2 (final)
+    assert "checkpoint-0.pth" not in names  # snapshot_period=2: epochs 1 (2nd) and 2 (final)
     ckpt = safe_torch_load(out / "checkpoint-2.pth")  # weights_only=True must accept it
     assert {"model", "optimizer", "epoch", "scaler", "args"} <= set(ckpt)
     assert ckpt["epoch"] == 2
@@ -146,7 +146,7 @@ def test_interrupted_run_resumes_to_identical_losses_and_weights(straight, tmp_p
 
     monkeypatch.setattr(pretrain, "train_one_epoch", crash_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        run(out, data_root, "epochs=3", "tensorboard=True", "snapshot_freq=2", "deterministic=True")
+        run(out, data_root, "epochs=3", "tensorboard=True", "snapshot_period=2", "deterministic=True")
     assert safe_torch_load(out / LATEST)["epoch"] == 1
     first = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in first] == [0, 1]
@@ -156,7 +156,7 @@ def test_interrupted_run_resumes_to_identical_losses_and_weights(straight, tmp_p
     torch.rand(7)
     monkeypatch.setattr(pretrain, "train_one_epoch", real)
     optimizer_steps.reset()
-    run(out, data_root, "epochs=3", "tensorboard=True", "snapshot_freq=2", "deterministic=True")
+    run(out, data_root, "epochs=3", "tensorboard=True", "snapshot_period=2", "deterministic=True")
     # the resumed process started after epoch 1 (its checkpoint) and did only epoch 2: 2 optimizer steps
     # (a restart would redo all 3 epochs, 6 steps, and -- deterministic -- reach the same numbers)
     assert optimizer_steps.n == 2
@@ -180,7 +180,7 @@ def test_explicit_resume_file_continues_in_a_new_directory(straight, tmp_path, d
     assert safe_torch_load(src / "checkpoint-1.pth")["epoch"] == 1
     out = tmp_path / "continued"
     optimizer_steps.reset()
-    run(out, data_root, "epochs=3", "snapshot_freq=2", "deterministic=True",
+    run(out, data_root, "epochs=3", "snapshot_period=2", "deterministic=True",
         extra=["--resume", str(src / "checkpoint-1.pth")])
     assert optimizer_steps.n == 2  # only epoch 2 was trained here
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
@@ -194,7 +194,7 @@ def test_explicit_resume_file_continues_in_a_new_directory(straight, tmp_path, d
 def test_finished_run_is_not_retrained(straight, data_root):
     out, metrics = straight
     before = sha256_file(out / LATEST)
-    again = run(out, data_root, "epochs=3", "tensorboard=True", "snapshot_freq=2", "deterministic=True")
+    again = run(out, data_root, "epochs=3", "tensorboard=True", "snapshot_period=2", "deterministic=True")
     assert sha256_file(out / LATEST) == before
     assert again["metrics"]["loss"] == metrics["metrics"]["loss"]
     assert again["iters"] == metrics["iters"]

@@ -80,3 +80,62 @@ def test_layer_id_rule_shared_by_every_task():
     assert vit_layer_id("head.weight", 12) == 13
     assert vit_layer_id("decode_head.conv_seg.weight", 12, "backbone.") == 13
     assert vit_layer_id("roi_heads.box_predictor.cls_score.weight", 12, "backbone.net.") == 13
+
+
+def test_batch_layout_one_vocabulary():
+    """batch_size = per device, total_batch_size = per optimizer step, accum_iter derived: the paper
+    effective batches hold on any number of processes; contradictions are one-line errors."""
+    from mmengine.config import ConfigDict
+
+    from crossmae.runs import batch_layout
+    c = lambda **kw: ConfigDict(dict(batch_size=None, accum_iter=None, total_batch_size=None) | kw)  # noqa: E731
+    assert batch_layout(c(batch_size=256, total_batch_size=4096), 8) == (256, 2, 4096)       # MAE pretraining
+    assert batch_layout(c(total_batch_size=1024, accum_iter=None), 8) == (128, 1, 1024)      # fine-tuning
+    assert batch_layout(c(total_batch_size=1024, accum_iter=4), 8) == (32, 4, 1024)
+    assert batch_layout(c(batch_size=1, total_batch_size=64), 2) == (1, 32, 64)             # ViTDet on 2 devices
+    assert batch_layout(c(batch_size=16, accum_iter=2), 3) == (16, 2, 96)
+    for kw, world, msg in ((dict(batch_size=8, total_batch_size=20), 1, "not a multiple of batch_size 8"),
+                           (dict(total_batch_size=16), 3, "not a multiple of 3 processes"),
+                           (dict(batch_size=4, total_batch_size=16, accum_iter=2), 1, "accum_iter 2 contradicts"),
+                           (dict(), 1, "set batch_size")):
+        with pytest.raises(UserError, match=msg):
+            batch_layout(c(**kw), world)
+
+
+def test_run_driver_single_process(tmp_path, monkeypatch):
+    """Without a launcher: one process on cuda:0 or cpu, wrap_ddp is the identity, resume loads and
+    records the checkpoint, finish writes the layout into metrics.json, close releases everything."""
+    import torch
+
+    from crossmae.runs import Run
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    run = Run(tmp_path / "r", "t", {"x": 1}, "x = 1\n", device="cpu")
+    layout = run.setup()
+    assert (layout.rank, layout.world_size, run.device.type, run.main) == (0, 1, "cpu", True)
+    model = torch.nn.Linear(2, 2)
+    assert run.wrap_ddp(model) is model
+    with run.start():
+        log, ckpt, tb = run.open_log(), run.checkpoints(), run.tensorboard()
+        assert run.resume(model=model, optimizer=None, required=("model",)) is None
+        ckpt.save({"model": model.state_dict(), "epoch": 0}, label="epoch 0")
+        log.info("hello")
+        tb.add_scalar("x", 1.0, 0)
+    assert (tmp_path / "r" / "tensorboard").is_dir() and "hello" in (tmp_path / "r" / "log.txt").read_text()
+    assert run.tb is None and run.log is None and run._lock_fd is None
+    again = Run(tmp_path / "r", "t", {"x": 1}, "x = 1\n")
+    again.setup()
+    with again.start():
+        other = torch.nn.Linear(2, 2)
+        again.checkpoints()
+        state = again.resume(model=other, required=("model", "epoch"), label=lambda s: f"epoch {s['epoch']}")
+        assert state["epoch"] == 0 and torch.equal(other.weight, model.weight)
+        assert "epoch 0" in again.ckpt.last_good
+        with pytest.raises(UserError, match="does not match this config"):
+            again.resume(model=torch.nn.Linear(3, 2), required=("model",))
+        res = again.finish({"metrics": {"top1": 1.0}})
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert saved == res and (saved["world_size"], saved["num_nodes"], saved["devices_per_node"]) == (1, 1, 1)
+    assert (saved["device"], saved["num_gpus"], saved["launcher"]) == ("cpu", 0, "single")
+    with pytest.raises(UserError, match="--device 'tpu'|--device tpu"):
+        Run(tmp_path / "s", "t", {}, "", device="tpu").setup()

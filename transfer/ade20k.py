@@ -16,22 +16,23 @@ per-class IoU/Acc) is written last and only for a finished run.
 """
 from __future__ import annotations
 
-import logging
+import io
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from crossmae import engine
-from crossmae.checkpoint import CheckpointManager, unwrap
-from crossmae.utils import (REPO_ROOT, UserError, atomic_write_json, cli_entry, config_hash, default_device,
-                            init_distributed, is_main_process, resolve_data_root, seed_everything, seed_worker)
-from crossmae.runs import (build_parser as _common_parser, close_logger, code_version, device_name,
-                           get_logger, prepare_run, provenance, report_dict, resolve_config, tb_writer)
+from crossmae.checkpoint import unwrap
+from crossmae.utils import (REPO_ROOT, UserError, atomic_write_json, cli_entry, config_hash,
+                            resolve_data_root, seed_everything, seed_worker)
+from crossmae.runs import (Run, batch_layout, build_parser as _common_parser, code_version,
+                           provenance, report_dict, resolve_config)
 from transfer.seg.data import (IGNORE_INDEX, PositionBatchSampler, SegTestDataset, SegTrainDataset, load_pair,
                                overlay, read_class_names, resize_pair, to_tensor)
 from transfer.seg.metrics import ConfusionMatrix
@@ -167,24 +168,25 @@ def image_counts(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
 
 def evaluate(model: UperNet, dataset: SegTestDataset, cfg, class_names: list[str], amp_dtype=None,
              overlay_dir: Path | None = None, log=None) -> dict:
-    """mIoU / mAcc / aAcc over ``dataset`` (sharded over DDP ranks, confusion matrices summed) and
-    coloured overlays of the first ``test.num_overlays`` images of rank 0 in ``overlay_dir``.
+    """mIoU / mAcc / aAcc over ``dataset`` and coloured overlays of its first ``test.num_overlays``
+    images in ``overlay_dir``.
 
-    The result also holds ``per_image``: the ``segmentation/v1`` predictions of CONTRACTS.md
-    (file names and per-image per-class intersect / union / label pixel counts, in dataset order;
-    gathered from every rank)."""
+    Each image is predicted on one rank (:func:`crossmae.engine.shard`, no padding); the confusion
+    matrices (integer pixel counts) are summed over the process group, and the per-image rows and the
+    overlay PNGs travel to rank 0 through it (:func:`crossmae.engine.gather_to_main`), which writes
+    the overlays: no folder has to be shared between nodes, and the result equals a one-process
+    evaluation of the same weights. The result also holds ``per_image``: the ``segmentation/v1``
+    predictions of CONTRACTS.md (file names and per-image per-class intersect / union / label pixel
+    counts, in dataset order; complete on rank 0, empty elsewhere)."""
     from PIL import Image
     model.eval()
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     num = len(dataset) if cfg.test.get("max_images") is None else min(len(dataset), int(cfg.test.max_images))
     cm = ConfusionMatrix(cfg.model.num_classes, IGNORE_INDEX)
     scales = _test_scales(cfg)
-    n_over = int(cfg.test.get("num_overlays", 0) or 0)
-    written = 0
+    n_over = int(cfg.test.get("num_overlays", 0) or 0) if overlay_dir is not None else 0
     t0 = time.time()
-    rows = []
-    for i in range(rank, num, world):
+    rows, overlays = [], []
+    for i in engine.shard(num):
         s = dataset.samples[i]
         img, label = load_pair(s, dataset.num_classes, dataset.reduce_zero_label)
         imgs = [to_tensor(resize_pair(img, None, sc)[0]) for sc in scales]
@@ -192,19 +194,18 @@ def evaluate(model: UperNet, dataset: SegTestDataset, cfg, class_names: list[str
         lab = torch.from_numpy(label)
         cm.update(pred.cpu(), lab)
         rows.append((i, s.image.name, *image_counts(pred.cpu(), lab, cfg.model.num_classes)))
-        if overlay_dir is not None and rank == 0 and written < n_over:
-            overlay_dir.mkdir(parents=True, exist_ok=True)
-            path = overlay_dir / f"{s.image.stem}.png"
-            tmp = path.with_name(f".{path.name}.tmp.png")
-            Image.fromarray(overlay(img, pred.cpu().numpy(), cfg.model.num_classes)).save(tmp)
-            os.replace(tmp, path)
-            written += 1
+        if i < n_over:
+            buf = io.BytesIO()
+            Image.fromarray(overlay(img, pred.cpu().numpy(), cfg.model.num_classes)).save(buf, format="png")
+            overlays.append((i, f"{s.image.stem}.png", buf.getvalue()))
     cm.all_reduce()
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, rows)
-        rows = [r for part in parts for r in part]
-    rows.sort(key=lambda r: r[0])
+    rows = engine.gather_to_main(rows, key=lambda r: r[0])
+    for _, name, png in engine.gather_to_main(overlays, key=lambda r: r[0]):
+        overlay_dir.mkdir(parents=True, exist_ok=True)
+        path = overlay_dir / name
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        tmp.write_bytes(png)
+        os.replace(tmp, path)
     res = cm.compute()
     res["per_image"] = {"format": "segmentation/v1", "num_classes": int(cfg.model.num_classes),
                         "images": [r[1] for r in rows], "intersect": [r[2] for r in rows],
@@ -235,13 +236,17 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = resolve_config(args, PRESET_DIR)
     _check_config(cfg)
     data_root = resolve_data_root(args.data_root)
-    run = prepare_run(cfg, args.output_dir, args.resume, TASK,
-                      {"backbone": args.backbone, "data_root": str(data_root.resolve())})
+    run = Run(args.output_dir, TASK, {"config": cfg.to_dict(), "backbone": args.backbone,
+                                      "data_root": str(data_root.resolve())}, cfg.pretty_text, resume=args.resume)
     if run.finished is not None:
         return run.finished
-    rank, world, _ = init_distributed()
-    device = default_device()
-    seed_everything(int(cfg.seed) + rank)
+    layout = run.setup()
+    per_device, accum, _ = batch_layout(cfg.train, layout.world_size, "config train")
+    if accum != 1:
+        raise UserError(f"config train: total_batch_size {cfg.train.total_batch_size} needs {accum} accumulation "
+                        f"steps of batch_size {per_device} on {layout.world_size} processes; the mmseg schedule "
+                        f"does not accumulate: set train.batch_size=None or total = batch_size x processes")
+    seed_everything(int(cfg.seed) + layout.rank)
     root = data_root / cfg.data.dataset
     if not root.is_dir():
         raise UserError(f"{root}: dataset folder not found (data root {data_root}, config data.dataset)")
@@ -251,23 +256,30 @@ def main(argv: list[str] | None = None) -> dict:
                                tuple(d.scale), tuple(d.ratio_range), d.cat_max_ratio, d.flip_prob, d.photometric,
                                d.reduce_zero_label)
     val_ds = SegTestDataset(root, d.val_split, cfg.model.num_classes, tuple(d.scale), d.reduce_zero_label)
-
-    if int(cfg.train.batch_size) % world:
-        raise UserError(f"config: train.batch_size {cfg.train.batch_size} is not divisible by the "
-                        f"{world} processes")
-    run.model, run.report = build_model(cfg), None  # the backbone is read before anything is written
+    model, report = build_model(cfg), None  # the backbone is read before anything is written
     if str(args.backbone).lower() != "none":
-        run.report = load_backbone_weights(run.model, args.backbone, cfg)
-    run.start()
-    out = run.out
-    log = get_logger(out, TASK)
-    if not is_main_process():
-        log.setLevel(logging.WARNING)  # one copy of the log on the console
-    try:
-        return _run(args, cfg, out, run, log, train_ds, val_ds, class_names, device, rank, world, data_root, root)
-    finally:
-        close_logger(log)
-        run.close()
+        report = load_backbone_weights(model, args.backbone, cfg)
+    job = Job(cfg, args.backbone, args.stop_after, model, report, train_ds, val_ds, class_names, data_root, root,
+              per_device)
+    with run.start():
+        run.open_log(TASK)
+        return train(run, job)
+
+
+@dataclass
+class Job:
+    """The validated ADE20K job (everything read before the run folder was taken)."""
+    cfg: Any
+    backbone: str
+    stop_after: int | None
+    model: UperNet
+    report: Any                 # LoadReport, or None for --backbone none
+    train_ds: SegTrainDataset
+    val_ds: SegTestDataset
+    class_names: list
+    data_root: Path
+    root: Path                  # the dataset folder
+    per_device: int             # images per device per iteration
 
 
 def _check_config(cfg) -> None:
@@ -282,44 +294,38 @@ def _check_config(cfg) -> None:
     if cfg.test.mode == "whole" and cfg.model.get("rel_pos_bias"):
         raise UserError("config: test.mode='whole' needs model.rel_pos_bias=False (the relative position "
                         "table covers crop-size windows only; mmseg uses 'slide')")
-    if int(t.batch_size) < 1 or int(cfg.schedule.max_iters) < 1:
-        raise UserError("config: train.batch_size and schedule.max_iters must be >= 1")
+    if int(cfg.schedule.max_iters) < 1:
+        raise UserError("config: schedule.max_iters must be >= 1")
 
 
-def _run(args, cfg, out: Path, run, log, train_ds, val_ds, class_names, device, rank, world, data_root,
-         root) -> dict:
-    t_start = time.time()
-    bs = int(cfg.train.batch_size) // world
-    model, report = run.model, run.report
+def train(run: Run, job: Job) -> dict:
+    """mmseg's ``IterBasedTrainLoop`` on the driver ``run``: optimizer, resume, DDP (SyncBN on CUDA),
+    iterations with the poly schedule, checkpoints every ``train.checkpoint_period``, optional
+    evaluation every ``train.eval_period``, then the final evaluation, ``predictions.json`` and
+    ``metrics.json`` (``{'stopped_at': N}`` with ``--stop-after``)."""
+    cfg, device, rank, world, log, out = job.cfg, run.device, run.rank, run.world, run.log, run.out
+    train_ds, val_ds, class_names, bs = job.train_ds, job.val_ds, job.class_names, job.per_device
+    model, report = job.model, job.report
     log.info("backbone: none (random initialisation)" if report is None else report.summary())
     model.to(device)
     optimizer = build_optimizer(model, cfg)
-    ckpt = CheckpointManager(out, keep=int(cfg.train.get("keep_checkpoints", 0) or 0))
+    ckpt = run.checkpoints(keep=int(cfg.train.get("keep_checkpoints", 0) or 0))
+    # the checkpoint holds rank 0's RNG: restored only on one process
+    state = run.resume(model=model, optimizer=optimizer, required=("model", "optimizer", "iter"),
+                       restore_rng=world == 1, label=lambda st: f"iteration {int(st['iter'])}")
     start_iter, prev_wall = 0, 0.0
-    state = run.load_resume(required=("model", "optimizer", "iter"))
     if state is not None:
-        from crossmae.checkpoint import set_rng_state
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"{run.resume_from}: does not match this config ({str(exc).splitlines()[0][:200]})")
         start_iter = int(state["iter"])
         prev_wall = float(state.get("wall_time_s", 0.0))
-        if "rng" in state and world == 1:
-            set_rng_state(state["rng"])
-        ckpt.resumed(run.resume_from, f"iteration {start_iter}")
         log.info(f"resumed from {run.resume_from} at iteration {start_iter}")
-    if world > 1:
-        if device.type == "cuda":  # BN -> SyncBN as mmseg's SyncBN (torch's SyncBN has no CPU kernel)
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if world > 1 and device.type == "cuda":  # BN -> SyncBN as mmseg's SyncBN (torch's SyncBN has no CPU kernel)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = run.wrap_ddp(model)
     amp_dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.get("amp") == "bf16" else None
 
     max_iters = int(cfg.schedule.max_iters)
-    stop = max_iters if args.stop_after is None else min(int(args.stop_after), max_iters)
-    tb = tb_writer(out)
+    stop = max_iters if job.stop_after is None else min(int(job.stop_after), max_iters)
+    tb = run.tensorboard()
     base_lr = float(cfg.optimizer.lr)
     s = cfg.schedule
     if start_iter < stop:
@@ -349,23 +355,22 @@ def _run(args, cfg, out: Path, run, log, train_ds, val_ds, class_names, device, 
             clip = cfg.train.get("grad_clip")
             engine.optimizer_step(optimizer, None, float(clip) if clip else None, model.parameters())
             it += 1
-            if it % int(cfg.train.log_interval) == 0 or it == stop:
+            if it % int(cfg.train.log_period) == 0 or it == stop:
                 dt = (time.time() - t_log) / max(it - it_log, 1)
                 t_log, it_log = time.time(), it
                 vals = {k: float(v.detach()) for k, v in losses.items()}
                 log.info(f"iter {it}/{max_iters} loss {vals['loss']:.4f} (ce {vals['loss_ce']:.4f}, aux "
                          f"{vals['aux.loss_ce']:.4f}) lr {base_lr * factor:.3e} {dt:.2f}s/it")
                 engine.log_scalars(tb, {**vals, "lr": base_lr * factor}, it, "train/")
-            if engine.due(it, int(cfg.train.checkpoint_interval), it == stop):
+            if engine.due(it, int(cfg.train.checkpoint_period), it == stop):
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                         "iter": it, "epoch": 0, "wall_time_s": prev_wall + time.time() - t_start,
+                         "iter": it, "epoch": 0, "wall_time_s": prev_wall + time.time() - run.t_start,
                          "config_hash": config_hash(cfg.to_dict())}
                 # every rank checks (all stop together); the main process writes
-                ckpt.save(state, step=it, periodic=it % int(cfg.train.checkpoint_interval) == 0,
-                          label=f"iteration {it}", write=is_main_process())
-                if world > 1:
-                    dist.barrier()
-            vi = int(cfg.train.get("val_interval") or 0)
+                ckpt.save(state, step=it, periodic=it % int(cfg.train.checkpoint_period) == 0,
+                          label=f"iteration {it}", write=run.main)
+                run.barrier()
+            vi = int(cfg.train.get("eval_period") or 0)
             if vi and it % vi == 0 and it < max_iters:
                 r = evaluate(unwrap(model), val_ds, cfg, class_names, amp_dtype, None, log)
                 if tb is not None:
@@ -376,31 +381,27 @@ def _run(args, cfg, out: Path, run, log, train_ds, val_ds, class_names, device, 
         tb.flush()
     if stop < max_iters:
         log.info(f"stopped after iteration {stop} (--stop-after); resume with the same command")
-        if tb is not None:
-            tb.close()
         return {"stopped_at": stop}
 
     ckpt.check_finite({"model": unwrap(model).state_dict()}, f"iteration {max_iters}")
     res = evaluate(unwrap(model), val_ds, cfg, class_names, amp_dtype, out / "overlays", log)
     per_image = res.pop("per_image")
-    if is_main_process():
+    if run.main:
         atomic_write_json(per_image, out / "predictions.json")
     if tb is not None:
         for k in ("mIoU", "mAcc", "aAcc"):
             tb.add_scalar(f"val/{k}", res[k], max_iters)
-        tb.close()
     result = {
         "task": TASK, "protocol": cfg.protocol,
         "metrics": {k: float(res[k]) for k in ("mIoU", "mAcc", "aAcc")},
         "per_class": res["per_class"],
-        "backbone": None if report is None else str(args.backbone),
+        "backbone": None if report is None else str(job.backbone),
         "backbone_sha256": None if report is None else report.sha256,
         "backbone_report": None if report is None else report_dict(report),
         "config_hash": config_hash(cfg.to_dict()), "seed": int(cfg.seed), "iters": max_iters,
         "num_val_images": len(per_image["images"]),
-        "wall_time_s": prev_wall + time.time() - t_start, "device": device_name(device),
-        "num_gpus": world if device.type == "cuda" else 0, "code_version": code_version(),
-        **provenance(data_root, sorted(root.glob("objectInfo*.txt")), num_train=len(train_ds),
+        "wall_time_s": prev_wall + time.time() - run.t_start, "code_version": code_version(),
+        **provenance(job.data_root, sorted(job.root.glob("objectInfo*.txt")), num_train=len(train_ds),
                      num_eval=len(per_image["images"])),
         "predictions": "predictions.json",
     }

@@ -51,12 +51,13 @@ schedule = dict(
 )
 
 train = dict(
-    batch_size=16,              # 8 GPUs x 2 images (global; divided by the world size)
+    total_batch_size=16,        # 8 GPUs x 2 images per optimizer step (mmseg "8xb2")
+    batch_size=None,            # per device; None: total_batch_size / world size (2 on 8 GPUs)
     amp='bf16',                 # autocast on CUDA; ignored on CPU
-    log_interval=50,
-    checkpoint_interval=16000,  # CheckpointHook interval
+    log_period=50,
+    checkpoint_period=16000,    # CheckpointHook interval
     keep_checkpoints=2,
-    val_interval=0,             # 0: evaluate once at the end (mmseg validates every 16000 iters)
+    eval_period=0,              # 0: evaluate once at the end (mmseg validates every 16000 iters)
     grad_clip=None,
 )
 

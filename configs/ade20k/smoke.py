@@ -8,5 +8,5 @@ model = dict(num_classes=80, img_size=64, embed_dim=64, depth=4, num_heads=4, ou
 data = dict(dataset='coco_semseg/ADEChallengeData2016', crop_size=(64, 64), scale=(256, 64), num_workers=0)
 schedule = dict(max_iters=20, warmup_iters=5)
 optimizer = dict(lr=1e-3)
-train = dict(batch_size=4, log_interval=5, checkpoint_interval=10)
+train = dict(total_batch_size=4, log_period=5, checkpoint_period=10)
 test = dict(crop_size=(64, 64), stride=(32, 32), num_overlays=2, max_images=None)

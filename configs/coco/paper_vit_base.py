@@ -64,7 +64,7 @@ optim = dict(
 
 train = dict(
     total_batch_size=64,
-    batch_size_per_device=1,               # detectron2: 64 GPUs x 1 image; accumulation fills the rest
+    batch_size=1,                          # per device; detectron2: 64 GPUs x 1 image, accumulation fills the rest
     max_iter=184375,
     amp=True, amp_dtype="bfloat16",        # CUDA only
     ddp_fp16_compression=True,

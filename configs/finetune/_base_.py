@@ -8,9 +8,10 @@ input_size = 224
 data = dict(type='imagefolder', root='imagenet', num_classes=1000, train_split='train', val_split='val',
             check_files=True)
 epochs = 100
-batch_size = 1024                  # total effective batch = per-GPU x accum_iter x GPUs
-accum_iter = 1
-blr = 5e-4                         # lr = blr * batch_size / 256
+total_batch_size = 1024            # effective batch per optimizer step = batch_size x accum_iter x GPUs
+batch_size = None                  # per GPU; None: total_batch_size / (GPUs x accum_iter)
+accum_iter = None                  # micro-batches per optimizer step; None: derived (1 when batch_size is None)
+blr = 5e-4                         # lr = blr * total_batch_size / 256
 lr = None                          # absolute lr; overrides blr when set
 min_lr = 1e-6
 warmup_epochs = 5
@@ -31,8 +32,8 @@ aug = dict(auto_augment='rand-m9-mstd0.5-inc1', color_jitter=None, reprob=0.25, 
 amp = True                         # bf16 autocast on CUDA (no effect on CPU)
 compile = False                    # torch.compile the model (True = inductor, or a backend name; in place)
 num_workers = 10
-eval_interval = 1
-save_interval = 0                  # periodic checkpoint-<epoch>.pth every N epochs (0: latest only)
+eval_period = 1                    # epochs between evaluations (0: after the last epoch only)
+snapshot_period = 0                # periodic checkpoint-<epoch>.pth every N epochs (0: latest only)
 keep_checkpoints = 1
 seed = 0
 deterministic = False

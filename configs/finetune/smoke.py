@@ -5,7 +5,7 @@ arch = 'vit_tiny_patch16'
 input_size = 32
 data = dict(type='inat2019', root='inat2019', num_classes=2)
 epochs = 2
-batch_size = 16
+total_batch_size = 16
 warmup_epochs = 1
 num_workers = 0
 drop_path = 0.0

@@ -14,5 +14,5 @@ warmup_epochs = 1
 num_workers = 2
 pin_mem = False
 verify_images = True
-snapshot_freq = 0
-log_freq = 5
+snapshot_period = 0
+log_period = 5

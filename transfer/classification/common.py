@@ -13,10 +13,9 @@ import torch
 
 from crossmae import engine
 from crossmae.lr_sched import adjust_learning_rate, lr_at  # noqa: F401  (MAE util/lr_sched.py)
-from crossmae.runs import (Timer, amp_dtype_for, backbone_sha, build_parser, close_logger, code_version,  # noqa: F401
-                           default_preset, device_name, finish_run, get_logger, prepare_run, provenance, report_dict,
-                           resolve_config, tb_writer)
-from crossmae.utils import REPO_ROOT, UserError, atomic_write_json, default_device, seed_worker
+from crossmae.runs import (Timer, amp_dtype_for, backbone_sha, batch_layout, build_parser, code_version,  # noqa: F401
+                           default_preset, finish_run, prepare_run, provenance, report_dict, resolve_config)
+from crossmae.utils import REPO_ROOT, UserError, atomic_write_json, seed_worker
 
 from .data import ShardSampler
 
@@ -48,13 +47,15 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype=None,
              collect: list | None = None) -> dict:
-    """Top-1 / top-5 accuracy (%) and mean CE loss of ``model`` over ``loader`` (summed over DDP
-    ranks when distributed: each rank sees a disjoint shard). Returns ``{'top1','top5','loss'}``.
+    """Top-1 / top-5 accuracy (%) and mean CE loss of ``model`` over ``loader``. Under DDP each rank
+    sees a disjoint, unpadded shard (:class:`ShardSampler`: every image counted once) and the counts
+    are summed over the process group (:func:`crossmae.engine.reduce_sum`, float64: the integer
+    counts add up exactly). Returns ``{'top1','top5','loss'}``.
 
     With ``collect`` (a list), the per-sample rows ``(dataset index, label, top-5 classes, top-5
-    softmax probabilities)`` of every rank are appended to it (the loader's sampler must expose the
-    indices it yields as ``.idx``, as :class:`ShardSampler` does)."""
-    import torch.distributed as dist
+    softmax probabilities)`` of every rank are appended to it on rank 0, in dataset order
+    (:func:`crossmae.engine.gather_to_main`, through the process group; nothing on other ranks). The
+    loader's sampler must expose the indices it yields as ``.idx``, as :class:`ShardSampler` does."""
     model.eval()
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1, top5, loss sum
     order = list(getattr(loader.sampler, "idx", range(len(loader.dataset))))
@@ -70,15 +71,9 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype=Non
         if collect is not None:
             rows += top5_rows(out, y, order[pos:pos + len(y)])
         pos += len(y)
-    distributed = dist.is_available() and dist.is_initialized()
     if collect is not None:
-        if distributed:
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, rows)
-            rows = [r for part in parts for r in part]
-        collect += rows
-    if distributed:
-        dist.all_reduce(stats)
+        collect += engine.gather_to_main(rows, key=lambda r: r[0])
+    engine.reduce_sum(stats)
     n = max(stats[0].item(), 1.0)
     return {"top1": 100.0 * stats[1].item() / n, "top5": 100.0 * stats[2].item() / n,
             "loss": stats[3].item() / n}
@@ -125,59 +120,48 @@ def json_dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str)
 
 
-def get_device() -> torch.device:
-    return default_device()
-
-
 # --------------------------------------------------------------------------------------------------
 # training loop shared by fine-tuning and the MAE linear probe (MAE engine_finetune.train_one_epoch)
 # --------------------------------------------------------------------------------------------------
-def resume_state(run, ckpt, modules: dict, optimizer, log) -> tuple[int, list, float, dict | None]:
-    """Load the run's checkpoint (:meth:`crossmae.runs.RunDir.load_resume`): ``state['model']`` into
-    the one module of ``modules`` (DDP unwrapped), the optimizer state, the RNG states. Returns
-    ``(start_epoch, history, previous_wall_time, state)``, or ``(0, [], 0.0, None)`` without one.
+def resume_state(run, module, optimizer) -> tuple[int, list, float, dict | None]:
+    """Resume through the driver (:meth:`crossmae.runs.Run.resume`): ``state['model']`` into ``module``
+    (DDP unwrapped), the optimizer state, the RNG states. Returns ``(start_epoch, history,
+    previous_wall_time, state)``, or ``(0, [], 0.0, None)`` without a checkpoint.
 
     Raises:
         UserError: the checkpoint lacks ``model`` / ``optimizer`` / ``epoch`` or does not fit.
     """
-    from crossmae.checkpoint import load_state, set_rng_state, unwrap
-    state = run.load_resume(required=("model", "optimizer", "epoch"))
+    state = run.resume(model=module, optimizer=optimizer, required=("model", "optimizer", "epoch"),
+                       label=lambda st: f"epoch {st['epoch']}")
     if state is None:
         return 0, [], 0.0, None
-    try:
-        for module in modules.values():
-            unwrap(module).load_state_dict(state["model"])
-        load_state(optimizer, state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise UserError(f"{run.resume_from}: does not match this config ({str(exc).splitlines()[0][:200]})")
-    if "rng" in state:
-        set_rng_state(state["rng"])
-    ckpt.resumed(run.resume_from, f"epoch {state['epoch']}")
-    log.info(f"resumed from {run.resume_from} after epoch {state['epoch']}")
+    run.log.info(f"resumed from {run.resume_from} after epoch {state['epoch']}")
     return state["epoch"] + 1, list(state.get("history", [])), float(state.get("wall_time", 0.0)), state
 
 
-def epoch_end(rec: dict, *, log, tb, task: str, ckpt, state: dict | None, history: list, timer: Timer,
+def epoch_end(run, rec: dict, *, task: str, state: dict | None, history: list, timer: Timer,
               hook=None, periodic: bool = False) -> None:
-    """Log an epoch record (text + TensorBoard), save ``state`` (+ epoch, history, wall time) through
-    the CheckpointManager when given, then call ``hook(epoch)`` (tests simulate preemption there)."""
+    """Log an epoch record (``run.log`` + the run's TensorBoard writer), save ``state`` (+ epoch,
+    history, wall time) through the run's CheckpointManager when given (every rank checks it, the
+    main process writes), then call ``hook(epoch)`` (tests simulate preemption there)."""
     epoch = rec["epoch"]
-    log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+    run.log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+    tb = run.tensorboard()
     if tb is not None:
-        from crossmae import engine
         engine.log_scalars(tb, {k: v for k, v in rec.items() if k != "epoch"}, epoch, f"{task}/")
         tb.flush()
     if state is not None:
-        ckpt.save(dict(state, epoch=epoch, history=history, wall_time=timer.elapsed), step=epoch, periodic=periodic,
-                  label=f"epoch {epoch}")
+        run.ckpt.save(dict(state, epoch=epoch, history=history, wall_time=timer.elapsed), step=epoch,
+                      periodic=periodic, label=f"epoch {epoch}", write=run.main)
     if hook is not None:
         hook(epoch)
 
 
-def train_one_epoch(epoch: int, *, cfg, loader, optimizer, lr: float, loss_fn, ckpt, params=None) -> dict:
+def train_one_epoch(epoch: int, *, cfg, loader, optimizer, lr: float, loss_fn, ckpt, params=None,
+                    accum_iter: int | None = None) -> dict:
     """One epoch of MAE's ``engine_finetune.train_one_epoch``: per-iteration lr (warmup + cosine,
-    :func:`adjust_learning_rate` at fractional epochs, updated every ``accum_iter`` steps), gradient
-    accumulation, optional ``clip_grad`` over ``params``. ``loss_fn(x, y) -> scalar loss``; ``ckpt``
+    :func:`adjust_learning_rate` at fractional epochs, updated every ``accum_iter`` steps; default
+    ``cfg.accum_iter``), gradient accumulation, optional ``clip_grad`` over ``params``. ``loss_fn(x, y) -> scalar loss``; ``ckpt``
     the run's :class:`crossmae.checkpoint.CheckpointManager` (named in the divergence error). The
     steps are :mod:`crossmae.engine`'s.
 
@@ -189,23 +173,24 @@ def train_one_epoch(epoch: int, *, cfg, loader, optimizer, lr: float, loss_fn, c
     from crossmae import engine
     params = None if params is None else list(params)  # a generator would be used up by the first clip
     steps = len(loader)
+    accum = int(accum_iter or cfg.accum_iter or 1)
     total, n, cur = 0.0, 0, 0.0
     optimizer.zero_grad()
     for it, (x, y) in enumerate(loader):
-        if it % cfg.accum_iter == 0:
+        if it % accum == 0:
             cur = adjust_learning_rate(optimizer, it / steps + epoch, lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
         loss = loss_fn(x, y)
         value = engine.loss_value(loss, ckpt, f"epoch {epoch} iteration {it}", detail=lambda: f"lr {cur:.3g}")
-        engine.backward(loss, cfg.accum_iter)
-        if (it + 1) % cfg.accum_iter == 0:
+        engine.backward(loss, accum)
+        if (it + 1) % accum == 0:
             engine.optimizer_step(optimizer, None, cfg.get("clip_grad"), params)
         total, n = total + value, n + 1
     return {"epoch": epoch, "train_loss": total / max(n, 1), "lr": cur}
 
 
 def eval_due(cfg, epoch: int) -> bool:
-    """Evaluate every ``eval_interval`` epochs and after the last one."""
-    return (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs
+    """Evaluate every ``eval_period`` epochs (0: only after the last one) and after the last one."""
+    return engine.due(epoch + 1, cfg.get("eval_period"), epoch + 1 == cfg.epochs)
 
 
 def final_metrics(history: list) -> dict:
@@ -216,19 +201,17 @@ def final_metrics(history: list) -> dict:
     return {"top1": ev[-1]["top1"], "top5": ev[-1]["top5"], "top1_best": max(h["top1"] for h in ev)}
 
 
-def effective_lr(cfg, world: int) -> tuple[int, float]:
-    """``(per_gpu_batch, lr)`` with ``lr = blr * batch / 256`` (MAE), ``batch`` the total effective
-    batch (``cfg.batch_size``, = per-GPU × accum_iter × GPUs). ``cfg.lr`` when set wins.
+def batch_and_lr(cfg, world: int) -> tuple[int, int, int, float]:
+    """``(per_device_batch, accum_iter, total_batch, lr)`` on ``world`` processes: the batch vocabulary
+    of :func:`crossmae.runs.batch_layout` (``batch_size`` per device, ``total_batch_size`` per
+    optimizer step, ``accum_iter``) and MAE's ``lr = blr * total_batch / 256``; ``cfg.lr`` when set wins.
 
     Raises:
-        UserError: ``batch_size`` not divisible by GPUs × accum_iter.
+        UserError: the batch values do not fit the number of processes.
     """
-    denom = world * cfg.accum_iter
-    if cfg.batch_size % denom:
-        raise UserError(f"config batch_size={cfg.batch_size}: not divisible by {world} GPU(s) x accum_iter "
-                        f"{cfg.accum_iter}")
-    lr = cfg.lr if cfg.get("lr") is not None else cfg.blr * cfg.batch_size / 256
-    return cfg.batch_size // denom, lr
+    per, accum, total = batch_layout(cfg, world)
+    lr = cfg.lr if cfg.get("lr") is not None else cfg.blr * total / 256
+    return per, accum, total, lr
 
 
 def make_loaders(cfg, train_ds, val_ds, per_gpu_batch: int, rank: int, world: int):
@@ -242,6 +225,7 @@ def make_loaders(cfg, train_ds, val_ds, per_gpu_batch: int, rank: int, world: in
     val = DataLoader(val_ds, batch_size=cfg.get("eval_batch_size", per_gpu_batch),
                      sampler=ShardSampler(len(val_ds), rank, world), num_workers=cfg.num_workers, drop_last=False)
     if len(train) == 0:
-        raise UserError(f"config batch_size={cfg.batch_size}: larger than the {len(train_ds)} train images per GPU "
-                        f"(drop_last); lower it")
+        raise UserError(f"config batch: {per_gpu_batch} images per device is more than the "
+                        f"{len(sampler)} train images per device (drop_last); lower "
+                        f"total_batch_size / batch_size")
     return sampler, train, val

@@ -11,13 +11,18 @@ The command is ``python -m transfer.finetune`` (``transfer/finetune.py``); this 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from crossmae.checkpoint import CheckpointManager, unwrap
+from crossmae import engine
+from crossmae.checkpoint import unwrap
 from crossmae.lr_sched import vit_layer_id
-from crossmae.utils import UserError, init_distributed, maybe_compile, resolve_data_root, seed_everything
+from crossmae.runs import Run
+from crossmae.utils import UserError, maybe_compile, resolve_data_root, seed_everything
 
 from . import common as C
 from .data import ImageDataset, eval_transform, finetune_train_transform, load_train_val
@@ -112,9 +117,9 @@ def build_criterion(cfg, mixup) -> nn.Module:
 
 
 def run_finetune(args, cfg, task: str = "finetune") -> dict:
-    """Run (or resume) the fine-tuning protocol described by ``cfg`` in ``args.output_dir``, through
-    the run lifecycle of :class:`crossmae.runs.RunDir` (a finished run with the same config returns
-    its metrics and writes nothing).
+    """Run (or resume) the fine-tuning protocol described by ``cfg`` in ``args.output_dir``, on the
+    run driver :class:`crossmae.runs.Run` (a finished run with the same config returns its metrics
+    and writes nothing).
 
     Returns the metrics dict (also written to ``metrics.json``). Metrics: ``top1``, ``top5`` (%, final
     epoch, val split, Resize+CenterCrop), ``top1_best`` (best evaluated epoch, MAE's "Max accuracy").
@@ -124,48 +129,62 @@ def run_finetune(args, cfg, task: str = "finetune") -> dict:
                         {"protocol": "finetune", "backbone": args.backbone, "data_root": str(data_root.resolve())})
     if run.finished is not None:
         return run.finished
-    rank, world, _ = init_distributed()
-    device = C.get_device()
+    layout = run.setup()
     # every input is read before anything is written
-    seed_everything(cfg.seed + rank, cfg.get("deterministic", False))
+    seed_everything(cfg.seed + layout.rank, cfg.get("deterministic", False))
     train_data, val_data = load_train_val(cfg.data, data_root)
     model, report = build_finetune_model(args.backbone, cfg, train_data.num_classes)
-    per_gpu, lr = C.effective_lr(cfg, world)
-    run.start()
-    log = C.get_logger(run.out, task)
-    try:
-        return _run(args, cfg, task, run, log, rank, world, device, data_root, train_data, val_data, model, report,
-                    per_gpu, lr)
-    finally:
-        C.close_logger(log)
-        run.close()
+    per_gpu, accum, total, lr = C.batch_and_lr(cfg, layout.world_size)
+    job = Job(cfg, task, args.backbone, data_root, train_data, val_data, model, report, per_gpu, accum, total, lr)
+    with run.start():
+        run.open_log(task)
+        return train(run, job)
 
 
-def _run(args, cfg, task, run, log, rank, world, device, data_root, train_data, val_data, model, report, per_gpu, lr):
-    out = run.out
-    num_classes = train_data.num_classes
-    train_ds = ImageDataset(train_data, finetune_train_transform(dict(cfg.aug, input_size=cfg.input_size)))
-    val_ds = ImageDataset(val_data, eval_transform(cfg.input_size))
+@dataclass
+class Job:
+    """The validated fine-tuning job (everything read before the run folder was taken)."""
+    cfg: Any
+    task: str
+    backbone: str
+    data_root: Path
+    train_data: Any             # ClassificationData of the train split
+    val_data: Any
+    model: nn.Module
+    report: Any                 # LoadReport
+    per_gpu: int                # batch per device
+    accum: int                  # micro-batches per optimizer step
+    total: int                  # effective batch per optimizer step
+    lr: float                   # absolute peak lr = blr * total / 256
+
+
+def train(run: Run, job: Job) -> dict:
+    """MAE ``main_finetune.py`` on the driver ``run``: model to device, optimizer, mixup, DDP, loaders,
+    resume, epochs (``engine_finetune.train_one_epoch``, evaluation every ``eval_period`` epochs and
+    after the last), predictions and ``metrics.json``."""
+    cfg, task, device, model = job.cfg, job.task, run.device, job.model
+    num_classes = job.train_data.num_classes
+    train_ds = ImageDataset(job.train_data, finetune_train_transform(dict(cfg.aug, input_size=cfg.input_size)))
+    val_ds = ImageDataset(job.val_data, eval_transform(cfg.input_size))
     model.to(device)
     maybe_compile(model, cfg.get("compile", False))  # in place: state-dict keys unchanged
-    optimizer = build_optimizer(model, cfg, lr)
+    optimizer = build_optimizer(model, cfg, job.lr)
     mixup = build_mixup(cfg, num_classes)
     criterion = build_criterion(cfg, mixup)
     amp = C.amp_dtype_for(device, cfg)
-    sha = C.backbone_sha(args.backbone, report)
-    log.info(f"{task}: {len(train_ds)} train / {len(val_ds)} val images, {num_classes} classes, lr {lr:.3g} "
-             f"(blr {cfg.blr}, batch {cfg.batch_size}), backbone {args.backbone} sha256 {sha[:12]}")
-    if hasattr(report, "summary"):
-        log.info(report.summary())
-    ddp_model = model
-    if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler, train_loader, val_loader = C.make_loaders(cfg, train_ds, val_ds, per_gpu, rank, world)
+    sha = C.backbone_sha(job.backbone, job.report)
+    log = run.log
+    log.info(f"{task}: {len(train_ds)} train / {len(val_ds)} val images, {num_classes} classes, lr {job.lr:.3g} "
+             f"(blr {cfg.blr}, batch {job.total} = {job.per_gpu} x {run.world} x accum {job.accum}), "
+             f"backbone {job.backbone} sha256 {sha[:12]}")
+    if hasattr(job.report, "summary"):
+        log.info(job.report.summary())
+    ddp_model = run.wrap_ddp(model)
+    sampler, train_loader, val_loader = C.make_loaders(cfg, train_ds, val_ds, job.per_gpu, run.rank, run.world)
 
-    ckpt = CheckpointManager(out, keep=cfg.get("keep_checkpoints", 1))
-    start_epoch, history, prev_time, _ = C.resume_state(run, ckpt, {"model": model}, optimizer, log)
+    run.checkpoints(keep=cfg.get("keep_checkpoints", 1))
+    start_epoch, history, prev_time, _ = C.resume_state(run, model, optimizer)
     timer = C.Timer(prev_time)
-    tb = C.tb_writer(out)
 
     def loss_fn(x, y):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -175,27 +194,28 @@ def _run(args, cfg, task, run, log, rank, world, device, data_root, train_data, 
             return criterion(ddp_model(x), y)
 
     rows: list = []
+    predicted = False
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         ddp_model.train()
-        rec = C.train_one_epoch(epoch, cfg=cfg, loader=train_loader, optimizer=optimizer, lr=lr, loss_fn=loss_fn,
-                                params=model.parameters(), ckpt=ckpt)
+        rec = C.train_one_epoch(epoch, cfg=cfg, loader=train_loader, optimizer=optimizer, lr=job.lr,
+                                loss_fn=loss_fn, params=model.parameters(), ckpt=run.ckpt, accum_iter=job.accum)
         if C.eval_due(cfg, epoch):
             last = epoch + 1 == cfg.epochs
             rec.update(C.evaluate(model, val_loader, device, amp, collect=rows if last else None))
+            predicted = predicted or last
         history.append(rec)
-        C.epoch_end(rec, log=log, tb=tb, task=task, ckpt=ckpt, history=history, timer=timer, hook=EPOCH_END_HOOK,
+        C.epoch_end(run, rec, task=task, history=history, timer=timer, hook=EPOCH_END_HOOK,
                     state={"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()},
-                    periodic=bool(cfg.get("save_interval")) and (epoch + 1) % cfg.save_interval == 0)
-    if tb is not None:
-        tb.close()
-    if not rows:  # resumed after the last epoch's checkpoint: predict once more with the final weights
+                    periodic=engine.due(epoch + 1, cfg.get("snapshot_period")))
+    if not predicted:  # resumed after the last epoch's checkpoint: predict once more with the final weights
         C.evaluate(model, val_loader, device, amp, collect=rows)
     metrics = C.final_metrics(history)
     log.info(f"final: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}")
-    pred = C.write_predictions(run, rows, val_data, data_root)
-    return C.finish_run(run, task=task, protocol="finetune", metrics=metrics, cfg=cfg, backbone=args.backbone,
-                        sha=sha, report=report, epochs=cfg.epochs, wall_time_s=timer.elapsed, device=device,
+    pred = C.write_predictions(run, rows, job.val_data, job.data_root)
+    return C.finish_run(run, task=task, protocol="finetune", metrics=metrics, cfg=cfg, backbone=job.backbone,
+                        sha=sha, report=job.report, epochs=cfg.epochs, wall_time_s=timer.elapsed,
                         extra={"history": history, "selection_split": "none (final epoch on val)",
                                "num_classes": num_classes, "dataset": dict(cfg.data),
-                               **C.data_provenance(cfg, data_root, train_data, val_data), "predictions": pred})
+                               **C.data_provenance(cfg, job.data_root, job.train_data, job.val_data),
+                               "predictions": pred})

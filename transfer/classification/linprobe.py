@@ -31,9 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crossmae import engine
-from crossmae.checkpoint import CheckpointManager, unwrap
-from crossmae.utils import (UserError, atomic_write_bytes, atomic_write_json, init_distributed, resolve_data_root,
-                            seed_everything)
+from crossmae.checkpoint import unwrap
+from crossmae.utils import UserError, atomic_write_bytes, atomic_write_json, resolve_data_root, seed_everything
 
 from . import common as C
 from .data import ImageDataset, describe_transform, eval_transform, linprobe_train_transform, load_train_val
@@ -98,19 +97,17 @@ def _mae_probe(ctx) -> tuple[dict, dict]:
     train_ds = ImageDataset(ctx["train"], linprobe_train_transform(cfg.input_size))
     val_ds = ImageDataset(ctx["val"], eval_transform(cfg.input_size))
     model = LinearProbe(ctx["encoder"], ctx["train"].num_classes, cfg.global_pool).to(device)
-    world, rank = ctx["world"], ctx["rank"]
-    per_gpu, lr = C.effective_lr(cfg, world)
+    run = ctx["run"]
+    per_gpu, accum, total, lr = C.batch_and_lr(cfg, run.world)
     optimizer = LARS(model.head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    head = model.head
-    if world > 1:
-        head = nn.parallel.DistributedDataParallel(model.head, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler, train_loader, val_loader = C.make_loaders(cfg, train_ds, val_ds, per_gpu, rank, world)
+    head = run.wrap_ddp(model.head)
+    sampler, train_loader, val_loader = C.make_loaders(cfg, train_ds, val_ds, per_gpu, run.rank, run.world)
     criterion = nn.CrossEntropyLoss()
     amp = C.amp_dtype_for(device, cfg)
-    start, history, prev, _ = C.resume_state(ctx["run"], ctx["ckpt"], {"head": model.head}, optimizer, log)
+    start, history, prev, _ = C.resume_state(run, model.head, optimizer)
     timer = C.Timer(prev)
     log.info(f"mae probe: {len(train_ds)} train / {len(val_ds)} val, pooling {cfg.global_pool}, lr {lr:.4g} "
-             f"(blr {cfg.blr}, batch {cfg.batch_size}), {cfg.epochs} epochs")
+             f"(blr {cfg.blr}, batch {total} = {per_gpu} x {run.world} x accum {accum}), {cfg.epochs} epochs")
 
     def loss_fn(x, y):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -120,17 +117,20 @@ def _mae_probe(ctx) -> tuple[dict, dict]:
             return criterion(head(f.float()), y)
 
     rows = ctx["rows"]
+    predicted = False
     for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch)
         model.train()
         rec = C.train_one_epoch(epoch, cfg=cfg, loader=train_loader, optimizer=optimizer, lr=lr, loss_fn=loss_fn,
-                                ckpt=ctx["ckpt"])
+                                ckpt=run.ckpt, accum_iter=accum)
         if C.eval_due(cfg, epoch):
-            rec.update(C.evaluate(model, val_loader, device, amp, collect=rows if epoch + 1 == cfg.epochs else None))
+            last = epoch + 1 == cfg.epochs
+            rec.update(C.evaluate(model, val_loader, device, amp, collect=rows if last else None))
+            predicted = predicted or last
         history.append(rec)
         _epoch_end(ctx, rec, {"model": unwrap(model.head).state_dict(), "optimizer": optimizer.state_dict()},
                    history, timer)
-    if not rows:  # resumed after the last epoch's checkpoint
+    if not predicted:  # resumed after the last epoch's checkpoint
         C.evaluate(model, val_loader, device, amp, collect=rows)
     metrics = C.final_metrics(history)
     return metrics, {"history": history, "selection_split": "none (final epoch on val)",
@@ -138,8 +138,8 @@ def _mae_probe(ctx) -> tuple[dict, dict]:
 
 
 def _epoch_end(ctx, rec: dict, state: dict, history: list, timer, save: bool = True) -> None:
-    C.epoch_end(rec, log=ctx["log"], tb=ctx["tb"], task=ctx["task"], ckpt=ctx["ckpt"], history=history, timer=timer,
-                state=state if save else None, hook=EPOCH_END_HOOK)
+    C.epoch_end(ctx["run"], rec, task=ctx["task"], history=history, timer=timer, state=state if save else None,
+                hook=EPOCH_END_HOOK)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,13 +265,13 @@ def train_heads(ctx, cached_train: dict, types: dict, fit_idx: torch.Tensor, hol
     torch.manual_seed(cfg.seed)
     blrs = list(fast.blrs)
     heads = MultiHead({t: f.shape[1] for t, f in fit.items()}, len(blrs), num_classes).to(device)
-    batch = min(fast.get("batch_size") or cfg.batch_size, len(y_fit))
+    batch = min(fast.get("batch_size") or C.batch_and_lr(cfg, 1)[2], len(y_fit))  # one process: the total batch
     epochs = fast.get("epochs") or cfg.epochs
     warmup = fast.get("warmup_epochs") if fast.get("warmup_epochs") is not None else cfg.warmup_epochs
     peak = torch.tensor([blr * batch / 256 for blr in blrs], device=device)
     optimizer = StackedLARS([{"params": [heads.weights[t], heads.biases[t]], "lr_vec": peak.clone()}
                              for t in heads.types], lr_vec=peak.clone(), weight_decay=cfg.weight_decay)
-    start, history, prev, state = C.resume_state(ctx["run"], ctx["ckpt"], {"heads": heads}, optimizer, ctx["log"])
+    start, history, prev, state = C.resume_state(ctx["run"], heads, optimizer)
     diverged: set[tuple[str, int]] = {(t, int(i)) for t, i in (state or {}).get("diverged", [])}
     peaks = {t: peak.clone() for t in heads.types}
     for t, i in diverged:
@@ -279,7 +279,7 @@ def train_heads(ctx, cached_train: dict, types: dict, fit_idx: torch.Tensor, hol
     timer = C.Timer(prev)
     n = len(y_fit)
     steps = n // batch  # drop_last, as the MAE loader
-    ckpt_every = int(fast.get("checkpoint_interval", 10))
+    ckpt_every = int(fast.get("checkpoint_period", 10))
     for epoch in range(start, epochs):
         heads.train()
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000003 + epoch)).to(device)
@@ -535,40 +535,38 @@ def run_linprobe(args, cfg, task: str = "linprobe") -> dict:
     """
     if cfg.protocol not in PROTOCOLS:
         raise UserError(f"config protocol={cfg.protocol!r}: expected one of {PROTOCOLS}")
-    rank, world, _ = init_distributed()
-    if world > 1 and cfg.protocol != "mae":
-        raise UserError(f"protocol {cfg.protocol!r} runs on one process (features are cached once); "
-                        f"launch it without torchrun")
     data_root = resolve_data_root(args.data_root)
     run = C.prepare_run(cfg, args.output_dir, args.resume, task,
                         {"protocol": f"linprobe_{cfg.protocol}", "backbone": args.backbone,
                          "data_root": str(data_root.resolve())})
     if run.finished is not None:
         return run.finished
-    device = C.get_device()
+    layout = run.setup()
+    if layout.world_size > 1 and cfg.protocol != "mae":
+        raise UserError(f"protocol {cfg.protocol!r} runs on one process (features are cached once); "
+                        f"launch it without torchrun")
+    device = run.device
     # every input is read before anything is written
-    seed_everything(cfg.seed + rank, cfg.get("deterministic", False))
+    seed_everything(cfg.seed + layout.rank, cfg.get("deterministic", False))
     timer = C.Timer()
     train, val = load_train_val(cfg.data, data_root)
     encoder, report = build_encoder(args.backbone, cfg)
-    run.start()
-    log = C.get_logger(run.out, task)
-    try:
+    with run.start():
+        log = run.open_log(task)
         out = run.out
         encoder.to(device)
         sha = C.backbone_sha(args.backbone, report)
         log.info(report.summary() if hasattr(report, "summary") else str(report))
         cache_dir = cfg.fast.get("cache_dir") if cfg.get("fast") else None
         ctx = dict(cfg=cfg, device=device, log=log, task=task, train=train, val=val, encoder=encoder, sha=sha,
-                   arch=getattr(report, "arch", cfg.get("arch")), world=world, rank=rank, out=out, run=run,
-                   ckpt=CheckpointManager(out, keep=0), tb=C.tb_writer(out),
+                   arch=getattr(report, "arch", cfg.get("arch")), out=out, run=run, ckpt=run.checkpoints(keep=0),
                    cache=FeatureCache(cache_dir), backbone=args.backbone, rows=[])
         fn = {"mae": _mae_probe, "fast": _fast_probe, "blocks": _blocks_probe, "knn": _knn_probe}[cfg.protocol]
         metrics, extra = fn(ctx)
-        if ctx["tb"] is not None:
+        tb = run.tensorboard()
+        if tb is not None:
             for k, v in metrics.items():
-                ctx["tb"].add_scalar(f"{task}/final_{k}", v, 0)
-            ctx["tb"].close()
+                tb.add_scalar(f"{task}/final_{k}", v, 0)
         prev = extra.pop("wall_time", None)
         wall = max(timer.elapsed, prev or 0.0)
         epochs = cfg.epochs if cfg.protocol == "mae" else (0 if cfg.protocol == "knn" else extra.get("epochs_heads", cfg.epochs))
@@ -577,7 +575,4 @@ def run_linprobe(args, cfg, task: str = "linprobe") -> dict:
                      **C.data_provenance(cfg, data_root, train, val))
         return C.finish_run(run, task=task, protocol=f"linprobe_{cfg.protocol}", metrics=metrics, cfg=cfg,
                             backbone=args.backbone, sha=sha, report=report, epochs=epochs, wall_time_s=wall,
-                            device=device, extra=extra)
-    finally:
-        C.close_logger(log)
-        run.close()
+                            extra=extra)

@@ -34,5 +34,5 @@ def tiny_checkpoint(path: str | Path, kind: str = "mae", seed: int = 0) -> Path:
 
 #: ``--cfg-options`` that shrink the ``smoke`` preset further for unit tests (2 images per step,
 #: 2 validation images, no overlays).
-FAST_OPTIONS = ["train.batch_size=2", "train.log_interval=1", "test.max_images=2", "test.num_overlays=1"]
+FAST_OPTIONS = ["train.total_batch_size=2", "train.log_period=1", "test.max_images=2", "test.num_overlays=1"]
 
