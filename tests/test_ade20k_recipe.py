@@ -134,7 +134,7 @@ def compare_b(chk: RecipeCheck, ours, ref) -> None:
     chk.eq("num_workers", dd.num_workers, ref.train_dataloader.num_workers)
     chk.eq("val batch_size", 1, ref.val_dataloader.batch_size)  # ours: one image at a time (sizes differ)
     # batch: the file name says <GPUs>x b<per GPU>; ours gives the global batch, per device derived on <GPUs>
-    gpus, per_gpu = map(int, re.search(r"_(\d+)xb(\d+)", MAE_B).groups())
+    gpus, _ = map(int, re.search(r"_(\d+)xb(\d+)", MAE_B).groups())
     from crossmae.runs import batch_layout
     chk.eq("train_dataloader.batch_size", batch_layout(ours.train, gpus)[0], ref.train_dataloader.batch_size)
     chk.eq("global batch (GPUs x per GPU)", ours.train.total_batch_size, gpus * ref.train_dataloader.batch_size)

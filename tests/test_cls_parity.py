@@ -265,7 +265,7 @@ def test_presets_equal_finetune_md_commands():
         for ours, theirs in (FT_KEYS if family == "finetune" else LP_KEYS).items():
             assert _get(cfg, ours) == getattr(a, theirs), (where, ours, _get(cfg, ours), getattr(a, theirs))
             compared += 1
-        _, lr = C.effective_lr(cfg, world=1)  # lr depends on the total batch only
+        *_, lr = C.batch_and_lr(cfg, world=1)  # lr depends on the total batch only
         assert lr == a.blr * c["effective_batch"] / 256, where
         compared += 4
         covered.add((family, name))
