@@ -316,12 +316,27 @@ class RunDir:
         result = dict(result)
         result["run_hash"] = self.hash
         result.setdefault("code_version", code_version())
+        for k, v in layout_record(result.get("device")).items():  # world_size, num_nodes, devices_per_node, ...
+            result.setdefault(k, v)
         pred = result.get("predictions")
         if self.main and pred is not None and not (self.out / pred).is_file():
             raise RuntimeError(f"predictions file {self.out / pred} was not written")
         if self.main:
             atomic_write_json(result, self.out / "metrics.json")
         return result
+
+
+def layout_record(device: str | None = None) -> dict:
+    """The distributed layout the run ran with, for ``metrics.json``
+    (:meth:`crossmae.distributed.Layout.as_metrics`: ``world_size``, ``num_nodes``,
+    ``devices_per_node``, ``device_type``, ``launcher``). ``device`` is the result's ``device``
+    entry (``"cpu"`` or a GPU model name, :func:`device_name`): it decides ``device_type`` when a
+    run chose the CPU although CUDA is present."""
+    from .distributed import layout_from_env
+    rec = layout_from_env().as_metrics()
+    if device is not None:
+        rec["device_type"] = str(device) if str(device) in ("cpu", "mps") else "cuda"
+    return rec
 
 
 def provenance(data_root: str | Path, files=(), *, num_train: int, num_eval: int) -> dict:
