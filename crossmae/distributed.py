@@ -416,9 +416,11 @@ def setup(backend: str | None = None, timeout_s: float | None = None) -> Layout:
                                     world_size=layout.world_size, rank=layout.rank,
                                     timeout=datetime.timedelta(seconds=timeout))
     except Exception as exc:  # DistStoreError / RuntimeError / TimeoutError from the rendezvous
-        raise UserError(f"cannot reach the distributed master {addr}:{layout.master_port} within {timeout:g} s "
-                        f"(rank {layout.rank} of {layout.world_size} on node {layout.node_rank} "
-                        f"{socket.gethostname()}, {layout.launcher}): {_first_line(exc)}") from None
+        what = ("not every rank reached the distributed master" if layout.is_main else
+                "cannot reach the distributed master")
+        raise UserError(f"{what} {addr}:{layout.master_port} within {timeout:g} s (rank {layout.rank} of "
+                        f"{layout.world_size} on node {layout.node_rank} {socket.gethostname()}, {layout.launcher}): "
+                        f"{_first_line(exc)}") from None
     return layout
 
 

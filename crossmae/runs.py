@@ -154,8 +154,9 @@ class RunDir:
         self.identity = {"task": task, **identity}
         self.hash = identity_hash(self.identity)
         self.config_text = config_text
-        if main_process is None:  # also right before init_distributed(): torchrun sets RANK
-            main_process = is_main_process() and int(os.environ.get("RANK", "0")) == 0
+        if main_process is None:  # also right before init_distributed(): the launcher's rank (RANK, SLURM_PROCID)
+            from .distributed import layout_from_env
+            main_process = is_main_process() and layout_from_env().is_main
         self.main = main_process
         self._lock_fd: int | None = None
         self._state = None
