@@ -371,8 +371,8 @@ class _cpp_stderr_kept_on_success:
 
 def setup(backend: str | None = None, timeout_s: float | None = None) -> Layout:
     """Derive the layout (:func:`layout_from_env`), bind CUDA to ``cuda:<local rank>``, and with
-    more than one process create the default process group (``tcp://<master>:<port>``) with a
-    timeout. Exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+    more than one process create the default process group (``env://`` on the master address and
+    port, so torchrun's agent store is reused as torchrun intends) with a timeout. Exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT`` so code that reads them agrees. Idempotent: a second call
     returns the layout of the existing group.
 
@@ -412,7 +412,7 @@ def setup(backend: str | None = None, timeout_s: float | None = None) -> Layout:
         backend = "nccl" if device.type == "cuda" else "gloo"
     try:
         with _cpp_stderr_kept_on_success():
-            dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{layout.master_port}",
+            dist.init_process_group(backend=backend, init_method="env://",  # the variables exported above
                                     world_size=layout.world_size, rank=layout.rank,
                                     timeout=datetime.timedelta(seconds=timeout))
     except Exception as exc:  # DistStoreError / RuntimeError / TimeoutError from the rendezvous
@@ -440,12 +440,13 @@ def barrier(timeout_s: float | None = None) -> None:
     timeout = timeout_from_env(timeout_s)
     td = datetime.timedelta(seconds=timeout)
     try:
-        if dist.get_backend() == "gloo":
-            dist.monitored_barrier(timeout=td)
-        else:
-            work = dist.barrier(async_op=True)
-            if not work.wait(timeout=td):
-                raise TimeoutError("barrier not complete")
+        with _cpp_stderr_kept_on_success():
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=td)
+            else:
+                work = dist.barrier(async_op=True)
+                if not work.wait(timeout=td):
+                    raise TimeoutError("barrier not complete")
     except Exception as exc:
         raise UserError(f"barrier timed out after {timeout:g} s (rank {dist.get_rank()} of {dist.get_world_size()}, "
                         f"master {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}): "

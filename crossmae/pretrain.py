@@ -541,7 +541,8 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
             if main_proc:
                 atomic_write_text("".join(_json_line(h) for h in history), output_dir / "log.jsonl")
             if world > 1:
-                dist.barrier()
+                from .distributed import barrier
+                barrier()  # bounded: $CROSSMAE_DIST_TIMEOUT
     finally:
         if writer is not None:
             writer.close()

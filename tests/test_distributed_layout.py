@@ -157,3 +157,30 @@ def test_unreachable_master_is_one_line_and_exit_2_within_the_timeout(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert len(err) == 1 and err[0].startswith(f"error: cannot reach the distributed master 127.0.0.1:{port} "
                                                f"within 3 s (rank 1 of 2"), err
+
+
+def test_barrier_with_a_missing_rank_is_one_line_and_exit_2(tmp_path):
+    """Rank 1 joins the group but never reaches the barrier: rank 0 gives up after the barrier's
+    timeout with one line (monitored_barrier on gloo), instead of waiting forever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               CROSSMAE_DIST_TIMEOUT="60", PYTHONPATH=str(REPO_ROOT))
+    code = ("import time, sys; from crossmae.utils import cli_entry, init_distributed; "
+            "from crossmae.distributed import barrier\n"
+            "def main():\n    r, w, _ = init_distributed()\n"
+            "    if r == 1: time.sleep(40); sys.exit(0)\n    barrier(timeout_s=2)\n"
+            "cli_entry(main)()")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        out, err = procs[0].communicate(timeout=120)
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    lines = err.strip().splitlines()
+    assert procs[0].returncode == 2, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: barrier timed out after 2 s (rank 0 of 2, master "
+                                                   f"127.0.0.1:{port})"), lines

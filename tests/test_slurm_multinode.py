@@ -176,19 +176,29 @@ def _reference(tmp_path: Path, cfg: list[str]) -> tuple[dict, Path]:
 
 
 def test_two_nodes_by_two_tasks_report_their_slurm_placement_and_equal_one_process(out, tmp_path):
+    """Through the command line: ``slurm.submit --resources nodes=2 tasks_per_node=2``."""
+    import submitit
+    from slurm.submit import main as submit_main
     cfg = ["steps=4", "batch=8"]
-    specs = plan(SELFTEST, out, backbones={"a": __file__}, cfg_options=cfg,
-                 resources={"nodes": "2", "tasks_per_node": "2", "cpus_per_task": "1"})
-    res = _run(specs, out=out)[specs[0].dir]
+    ids = submit_main(["--suite", "selftest", "--backbone", f"a={__file__}", "--output-dir", str(out),
+                       "--executor", "slurm", "--partition", PART, "--no-leaderboard", "--cfg-options", *cfg,
+                       "--resources", "nodes=2", "tasks_per_node=2", "cpus_per_task=1"])["jobs"]
+    (tid, jid), = ids.items()
+    d = out / tid
+    spec = json.loads((d / "task.json").read_text())
+    assert spec["spec"]["resources"]["nodes"] == 2 and spec["spec"]["resources"]["tasks_per_node"] == 2
+    job = submitit.SlurmJob(folder=Path(spec["job_folder"]) / "%j", job_id=jid, tasks=range(4))
+    _wait(lambda: job.done(force_check=True), 300, f"job {jid}")
+    res = job.results()
     assert _placement(res) == [(0, 0, "node1"), (1, 1, "node1"), (2, 0, "node2"), (3, 1, "node2")]
     assert sorted(r["process"]["node_rank"] for r in res) == [0, 0, 1, 1]
-    m = json.loads((specs[0].dir / "metrics.json").read_text())
+    m = json.loads((d / "metrics.json").read_text())
     assert (m["world_size"], m["num_nodes"], m["devices_per_node"], m["launcher"]) == (4, 2, 2, "slurm")
     ref, ref_dir = _reference(tmp_path, cfg)
     # same global batch, 4 chunk gradients summed by the all-reduce instead of one sum: the float64
     # reduction order differs, so equal within 1e-12 relative (differences seen: ~4e-16)
     assert m["metrics"] == pytest.approx(ref["metrics"], rel=1e-12, abs=0)
-    w, w_ref = (safe_torch_load(x / "checkpoint-latest.pth")["model"]["w"] for x in (specs[0].dir, ref_dir))
+    w, w_ref = (safe_torch_load(x / "checkpoint-latest.pth")["model"]["w"] for x in (d, ref_dir))
     assert torch.allclose(w, w_ref, rtol=1e-12, atol=0) and not torch.equal(w, torch.zeros_like(w))
 
 

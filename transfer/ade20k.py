@@ -364,7 +364,8 @@ def _run(args, cfg, out: Path, run, log, train_ds, val_ds, class_names, device, 
                 ckpt.save(state, step=it, periodic=it % int(cfg.train.checkpoint_interval) == 0,
                           label=f"iteration {it}", write=is_main_process())
                 if world > 1:
-                    dist.barrier()
+                    from crossmae.distributed import barrier
+                    barrier()  # bounded: $CROSSMAE_DIST_TIMEOUT
             vi = int(cfg.train.get("val_interval") or 0)
             if vi and it % vi == 0 and it < max_iters:
                 r = evaluate(unwrap(model), val_ds, cfg, class_names, amp_dtype, None, log)
