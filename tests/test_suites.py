@@ -219,3 +219,10 @@ def test_local_runs_fold_a_multi_node_layout_onto_this_machine():
     cpu = Resources(nodes=2, tasks_per_node=1)  # 2 nodes x 1 CPU process: the same world size on one host
     assert local_resources(cpu, cpus=2, gpus=0) == Resources(nodes=1, tasks_per_node=2)
     assert local_resources(Resources(nodes=4, tasks_per_node=2), cpus=2, gpus=0).tasks_per_node == 2
+
+
+def test_the_coco_smoke_preset_does_not_inherit_the_paper_layout():
+    from slurm.submit import recipe_resources
+    assert recipe_resources(get_suite("smoke").task("coco"), "smoke") == {}
+    spec = plan(get_suite("smoke"), Path("/tmp/x"), backbones={"a": __file__}, tasks=["coco"])[0]
+    assert (spec.resources["nodes"], spec.resources["gpus_per_node"]) == (1, 0)
