@@ -6,9 +6,11 @@ command starts from :func:`setup`, which derives the layout, binds the process t
 creates the process group with a timeout. Launchers understood:
 
 ``slurm``
-    ``srun`` / ``sbatch`` through submitit: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``,
-    ``SLURM_NODEID``, ``SLURM_JOB_NUM_NODES``, ``SLURM_TASKS_PER_NODE``, ``SLURM_JOB_NODELIST``,
-    ``SLURM_JOB_ID``. The master is the first node of the node list (``MASTER_ADDR`` wins when
+    a task of an ``srun`` step (submitit's jobs are): ``SLURM_STEP_ID`` set, ``SLURM_PROCID``,
+    ``SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``), ``SLURM_LOCALID``, ``SLURM_NODEID``,
+    ``SLURM_STEP_NUM_NODES`` / ``SLURM_JOB_NUM_NODES``, ``SLURM_STEP_TASKS_PER_NODE`` /
+    ``SLURM_TASKS_PER_NODE``, ``SLURM_STEP_NODELIST`` / ``SLURM_JOB_NODELIST``, ``SLURM_JOB_ID``.
+    The batch script's own process (no step) is not a rank: it counts as ``single``. The master is the first node of the node list (``MASTER_ADDR`` wins when
     set, e.g. by ``submitit.helpers.TorchDistributedEnvironment().export()``); the port is
     ``MASTER_PORT``, else derived from the job id (:func:`port_from_job_id`), so every task of a
     job, on every node, agrees on it without talking to the others.
@@ -238,6 +240,17 @@ def _tasks_on_node(tasks_per_node: str, node_rank: int) -> int | None:
     return counts[node_rank] if 0 <= node_rank < len(counts) else None
 
 
+def in_slurm_step(env: Mapping[str, str]) -> bool:
+    """True inside a Slurm job step started by ``srun`` (``SLURM_STEP_ID`` set, and not the batch /
+    extern / interactive pseudo-steps, whose ids are 2**32 - 6 and above). A process of the batch
+    script itself sees ``SLURM_PROCID=0`` and the job's ``SLURM_NTASKS``: it is one process, not
+    rank 0 of the job's tasks, and must not wait for the others."""
+    sid = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+    if sid is None or not str(sid).strip().isdigit():
+        return False
+    return int(sid) < 2**32 - 6
+
+
 def layout_from_env(env: Mapping[str, str] | None = None) -> Layout:
     """The :class:`Layout` described by ``env`` (default ``os.environ``); pure: nothing is resolved,
     no process group is created (the master address is the name the environment gives).
@@ -250,13 +263,15 @@ def layout_from_env(env: Mapping[str, str] | None = None) -> Layout:
     addr = env.get("MASTER_ADDR") or None
     port = _int(env, "MASTER_PORT")
     torchrun = "TORCHELASTIC_RUN_ID" in env or "GROUP_RANK" in env
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and not torchrun:
-        rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
+    if in_slurm_step(env) and "SLURM_PROCID" in env and not torchrun:
+        rank = _int(env, "SLURM_PROCID")
+        world = _int(env, "SLURM_STEP_NUM_TASKS") or _int(env, "SLURM_NTASKS") or 1
         node_rank = _int(env, "SLURM_NODEID", 0)
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         hosts = parse_nodelist(nodelist) if nodelist else []
-        num_nodes = _int(env, "SLURM_JOB_NUM_NODES") or _int(env, "SLURM_NNODES") or len(hosts) or 1
-        local = _tasks_on_node(env.get("SLURM_TASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE") or "",
+        num_nodes = (_int(env, "SLURM_STEP_NUM_NODES") or _int(env, "SLURM_JOB_NUM_NODES") or _int(env, "SLURM_NNODES")
+                     or len(hosts) or 1)
+        local = _tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "",
                                node_rank)
         if local is None:
             local = _int(env, "LOCAL_WORLD_SIZE") or max(1, world // max(1, num_nodes))

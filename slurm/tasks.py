@@ -160,6 +160,9 @@ def job_layout(ntasks: int):
     job id), on every node alike. submitit's local executor sets no Slurm variables: there the
     ``env://`` variables submitit derives are exported first (one host)."""
     from crossmae.distributed import layout_from_env
+    if "SUBMITIT_LOCAL_JOB_ID" in os.environ:  # submitit's local executor launched it, even inside a Slurm step
+        for k in ("SLURM_STEP_ID", "SLURM_STEPID"):
+            os.environ.pop(k, None)
     layout = layout_from_env()
     if ntasks > 1 and layout.launcher == "single":
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

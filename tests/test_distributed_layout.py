@@ -62,7 +62,7 @@ def test_plain_env_variables_without_local_world_size():
     assert (lay.master_addr, lay.master_port) == (None, None)
 
 
-SLURM_2x2 = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
+SLURM_2x2 = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
              "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_TASKS_PER_NODE": "2(x2)",
              "SLURM_JOB_NODELIST": "gpu-[07-08]"}
 
@@ -88,11 +88,31 @@ def test_slurm_with_submitit_exported_variables():
 
 
 def test_slurm_partly_set_and_uneven_tasks_per_node():
-    env = {"SLURM_PROCID": "2", "SLURM_NTASKS": "3", "SLURM_NODEID": "1", "SLURM_TASKS_PER_NODE": "2,1",
-           "SLURM_NODELIST": "linux[1,2]"}                 # no job id, no LOCALID, no JOB_NUM_NODES
+    env = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "2", "SLURM_NTASKS": "3", "SLURM_NODEID": "1",
+           "SLURM_TASKS_PER_NODE": "2,1", "SLURM_NODELIST": "linux[1,2]"}  # no job id, LOCALID, JOB_NUM_NODES
     lay = layout_from_env(env)
     assert (lay.rank, lay.local_rank, lay.local_world_size, lay.num_nodes, lay.master_addr, lay.master_port) == \
         (2, 0, 1, 2, "linux1", None)
+
+
+def test_the_batch_script_itself_is_one_process_not_rank_0_of_the_job():
+    """sbatch -N2 --ntasks-per-node=1: the batch script sees SLURM_PROCID=0 and SLURM_NTASKS=2 but no
+    step; a command it runs directly must not wait for a second rank."""
+    env = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODEID": "0", "SLURM_LOCALID": "0",
+           "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2"}
+    assert layout_from_env(env) == Layout()
+    assert layout_from_env(dict(env, SLURM_STEP_ID="4294967291")) == Layout()  # the "batch" pseudo-step id
+    lay = layout_from_env(dict(env, SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="node[1-2]"))
+    assert (lay.launcher, lay.world_size, lay.num_nodes, lay.master_addr) == ("slurm", 2, 2, "node1")
+
+
+def test_a_one_task_step_in_a_bigger_allocation_is_one_process():
+    env = {"SLURM_STEP_ID": "3", "SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "1",
+           "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_TASKS_PER_NODE": "1", "SLURM_STEP_NODELIST": "gpu-03",
+           "SLURM_JOB_NODELIST": "gpu-[01-02,03]", "SLURM_JOB_NUM_NODES": "3"}
+    lay = layout_from_env(env)
+    assert (lay.world_size, lay.num_nodes, lay.local_world_size, lay.master_addr, lay.distributed) == \
+        (1, 1, 1, "gpu-03", False)
 
 
 def test_torchrun_inside_an_srun_step_is_torchrun():
@@ -102,8 +122,9 @@ def test_torchrun_inside_an_srun_step_is_torchrun():
     assert (lay.launcher, lay.world_size, lay.rank) == ("torchrun", 2, 0)
 
 
-@pytest.mark.parametrize("env, msg", [({"SLURM_PROCID": "x", "SLURM_NTASKS": "2"}, "SLURM_PROCID"),
-                                      ({"SLURM_PROCID": "2", "SLURM_NTASKS": "2"}, "outside world size"),
+@pytest.mark.parametrize("env, msg", [({"SLURM_STEP_ID": "0", "SLURM_PROCID": "x", "SLURM_NTASKS": "2"}, "SLURM_PROCID"),
+                                      ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "2", "SLURM_NTASKS": "2"},
+                                       "outside world size"),
                                       ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2"},
                                        "out of range")])
 def test_bad_environment_is_one_line(env, msg):
