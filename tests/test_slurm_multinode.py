@@ -247,3 +247,20 @@ def test_a_node_that_cannot_reach_the_master_exits_2_with_one_line(cluster, tmp_
     assert "Traceback" not in p.stdout + p.stderr
     assert "node2: task 1: Exited with exit code 2" in p.stderr and p.returncode == 2
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_the_local_cluster_is_a_real_two_node_partition(cluster, capsys):
+    """``srun -N2 -n2`` on ``multi``: two tasks on node1 / node2 with Slurm's own ids; the node names
+    do not resolve as host names here, so the master address comes from Slurm's NodeAddr; a second
+    ``ensure`` of the same layout starts nothing."""
+    from crossmae.distributed import resolve_master
+    p = subprocess.run(["srun", "-p", PART, "-N2", "-n2", "-l", "bash", "-c",
+                        "echo $SLURM_PROCID $SLURM_NODEID $SLURM_LOCALID $SLURMD_NODENAME $SLURM_JOB_NODELIST"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = sorted(ln.split(": ", 1)[1] for ln in p.stdout.splitlines())
+    assert rows == ["0 0 0 node1 node[1-2]", "1 1 0 node2 node[1-2]"]
+    assert resolve_master("node1") == "127.0.0.1"
+    capsys.readouterr()
+    local_cluster.ensure(verbose=True, nodes=max(2, local_cluster.configured_nodes()))
+    assert "(already running)" in capsys.readouterr().out
