@@ -157,8 +157,9 @@ class RunDir:
         self.identity = {"task": task, **identity}
         self.hash = identity_hash(self.identity)
         self.config_text = config_text
-        if main_process is None:  # also right before init_distributed(): torchrun sets RANK
-            main_process = is_main_process() and int(os.environ.get("RANK", "0")) == 0
+        if main_process is None:  # also right before init_distributed(): the launcher's rank (RANK, SLURM_PROCID)
+            from .distributed import layout_from_env
+            main_process = is_main_process() and layout_from_env().is_main
         self.main = main_process
         self._lock_fd: int | None = None
         self._state = None
@@ -319,6 +320,8 @@ class RunDir:
         result = dict(result)
         result["run_hash"] = self.hash
         result.setdefault("code_version", code_version())
+        for k, v in layout_record(result.get("device")).items():  # world_size, num_nodes, devices_per_node, ...
+            result.setdefault(k, v)
         pred = result.get("predictions")
         if self.main and pred is not None and not (self.out / pred).is_file():
             raise RuntimeError(f"predictions file {self.out / pred} was not written")
@@ -464,7 +467,7 @@ class Run(RunDir):
         """What every ``metrics.json`` records about where it ran: the layout
         (``world_size``, ``num_nodes``, ``devices_per_node``, ``device_type``, ``launcher``), the
         ``device`` name and ``num_gpus`` (world size on CUDA, else 0)."""
-        return {**self.layout.as_metrics(), "device": device_name(self.device),
+        return {**self.layout.as_metrics(), "device_type": self.device.type, "device": device_name(self.device),
                 "num_gpus": self.world if self.device.type == "cuda" else 0}
 
     def finish(self, result: dict) -> dict:
@@ -544,6 +547,19 @@ def batch_layout(section, world: int, where: str = "config") -> tuple[int, int, 
     if not isinstance(accum, int) or accum < 1:
         raise UserError(f"{where} accum_iter: must be a positive integer, got {accum!r}")
     return int(per), int(accum), int(total)
+
+
+def layout_record(device: str | None = None) -> dict:
+    """The distributed layout the run ran with, for ``metrics.json``
+    (:meth:`crossmae.distributed.Layout.as_metrics`: ``world_size``, ``num_nodes``,
+    ``devices_per_node``, ``device_type``, ``launcher``). ``device`` is the result's ``device``
+    entry (``"cpu"`` or a GPU model name, :func:`device_name`): it decides ``device_type`` when a
+    run chose the CPU although CUDA is present."""
+    from .distributed import layout_from_env
+    rec = layout_from_env().as_metrics()
+    if device is not None:
+        rec["device_type"] = str(device) if str(device) in ("cpu", "mps") else "cuda"
+    return rec
 
 
 def provenance(data_root: str | Path, files=(), *, num_train: int, num_eval: int) -> dict:

@@ -518,30 +518,28 @@ def _unsupported_global(msg: str) -> str | None:
 # distributed
 # --------------------------------------------------------------------------------------------------
 def init_distributed(backend: str | None = None, force: bool = False) -> tuple[int, int, int]:
-    """Initialise ``torch.distributed`` from torchrun / Slurm-submitit environment variables.
+    """Initialise ``torch.distributed`` for this process: a thin wrapper over
+    :func:`crossmae.distributed.setup` (the one derivation of the layout from Slurm / torchrun
+    variables, CUDA device = local rank, process group with a timeout).
 
-    Uses ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` when present (set
-    by torchrun, or by ``submitit.helpers.TorchDistributedEnvironment().export()``). With no such
-    variables, or ``WORLD_SIZE=1``, nothing is initialised — unless ``force`` (a one-process group,
-    e.g. to check NCCL on a single GPU; then ``MASTER_ADDR`` / ``MASTER_PORT`` must be set).
+    With one process nothing is initialised — unless ``force`` (a one-process group, e.g. to check
+    NCCL on a single GPU; then ``MASTER_ADDR`` / ``MASTER_PORT`` must be set).
 
     Returns:
         ``(rank, world_size, local_rank)``.
+
+    Raises:
+        UserError: see :func:`crossmae.distributed.setup` (unreachable master, bad variables).
     """
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not force:
-        return 0, 1, 0
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    from .distributed import setup
+    layout = setup(backend)
+    if layout.world_size == 1 and force and not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, init_method="env://", world_size=world, rank=rank)
-    return rank, world, local_rank
+        dist.init_process_group(backend=backend, init_method="env://", world_size=1, rank=0)
+    return layout.rank, layout.world_size, layout.local_rank
 
 
 def is_main_process() -> bool:
@@ -551,10 +549,10 @@ def is_main_process() -> bool:
 
 
 def default_device() -> torch.device:
-    """``cuda:LOCAL_RANK`` when CUDA is available, else CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """``cuda:<local rank>`` when CUDA is available, else CPU (the layout's device:
+    :attr:`crossmae.distributed.Layout.device`)."""
+    from .distributed import layout_from_env
+    return layout_from_env().device
 
 
 # --------------------------------------------------------------------------------------------------

@@ -91,6 +91,31 @@ def resolve_executor(kind: str) -> str:
     return kind
 
 
+def local_resources(res: Resources, cpus: int | None = None, gpus: int | None = None) -> Resources:
+    """``res`` scaled to this one machine (the ``local`` / ``debug`` executors run one node):
+    the processes of every node are folded onto it (``nodes × tasks_per_node``, so a CPU job keeps
+    its world size and its numbers), capped at one process per visible GPU when the job asks for
+    GPUs (none visible: one CPU process), else at the CPU count. The recipes keep their global batch
+    on fewer processes by gradient accumulation, so a paper layout (e.g. COCO's 8 nodes × 8 GPUs)
+    runs unchanged, only slower.
+
+    Args:
+        cpus, gpus: this machine's CPU / visible CUDA device counts (default: detected).
+    """
+    import dataclasses
+    import os
+    if cpus is None:
+        cpus = os.cpu_count() or 1
+    if gpus is None:
+        import torch
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    procs = int(res.nodes) * int(res.tasks_per_node)
+    if res.gpus_per_node:
+        procs = max(1, min(procs, gpus))
+        return dataclasses.replace(res, nodes=1, tasks_per_node=procs, gpus_per_node=procs if gpus else 0)
+    return dataclasses.replace(res, nodes=1, tasks_per_node=max(1, min(procs, cpus)))
+
+
 def make_executor(kind: str, folder: str | Path, res: Resources, opts: ClusterOptions, name: str,
                   dependency: str | None = None) -> submitit.Executor:
     """An executor for jobs with resources ``res`` whose logs go to ``folder/%j``.
@@ -99,7 +124,11 @@ def make_executor(kind: str, folder: str | Path, res: Resources, opts: ClusterOp
         kind: ``slurm`` / ``local`` / ``debug`` (already resolved).
         dependency: Slurm dependency string (``afterok:12:13``); ignored off Slurm (the local graph
             runs in order instead).
+
+    Off Slurm the resources are scaled to this machine first (:func:`local_resources`).
     """
+    if kind != "slurm":
+        res = local_resources(res)
     ex = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster=kind,
                                slurm_max_num_timeout=opts.max_num_timeout)
     params = dict(name=f"{opts.job_name}-{name}", timeout_min=int(res.timeout_min), nodes=int(res.nodes),

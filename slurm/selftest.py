@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from crossmae.checkpoint import CheckpointManager
+from crossmae.runs import layout_record
 from crossmae.utils import (UserError, atomic_save, atomic_write_json, cli_entry, config_hash, init_distributed,
                             parse_cfg_options, seed_everything, sha256_file)
 
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config_hash": config_hash(cfg), "seed": args.seed, "iters": cfg["steps"],
         "wall_time_s": prev_wall + time.time() - t0, "device": "cpu", "num_gpus": 0,
         "world_size": world, "code_version": "unknown", "host": platform.node(),
+        **layout_record("cpu"),
     }
     if rank == 0:
         if not args.backbone:  # a "pretraining": an official-format checkpoint with args

@@ -27,6 +27,7 @@ exit status 2 unless ``--force`` (folder moved aside, rerun from scratch).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -103,6 +104,88 @@ def checkpoint_arch(path: str | Path) -> str | None:
         return None
 
 
+#: the resource fields a recipe (config file) may set: its process layout
+RECIPE_LAYOUT_FIELDS = ("nodes", "gpus_per_node", "tasks_per_node")
+
+
+def config_path(td: TaskDef, config: str) -> Path:
+    """The file of ``config``: a path, or the preset ``configs/<task dir>/<config>.py``."""
+    if "/" in config or config.endswith(".py"):
+        return Path(config)
+    return REPO_ROOT / "configs" / td.config_dir / f"{config}.py"
+
+
+def recipe_resources(td: TaskDef, config: str) -> dict:
+    """The process layout a task's recipe asks for: its config's top-level ``resources`` dict
+    (only :data:`RECIPE_LAYOUT_FIELDS`; e.g. the COCO paper presets record ViTDet's 64 GPUs as
+    ``resources = dict(nodes=8, gpus_per_node=8, tasks_per_node=8)``); ``{}`` when it has none.
+    ``_base_`` files are followed (the ViT-L / ViT-H presets inherit the ViT-B layout).
+
+    Raises:
+        UserError: ``resources`` is not a dict or names another field.
+    """
+    path = config_path(td, config)
+    if not path.is_file():
+        return {}
+    st = path.stat()
+    rec = _config_resources(str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if rec is None:
+        return {}
+    if not isinstance(rec, dict) or set(rec) - set(RECIPE_LAYOUT_FIELDS):
+        raise UserError(f"{path}: resources must be a dict of {', '.join(RECIPE_LAYOUT_FIELDS)}, got {dict(rec) if isinstance(rec, dict) else rec!r}")
+    return dict(rec)
+
+
+@functools.lru_cache(maxsize=256)
+def _config_resources(path: str, mtime_ns: int, size: int):
+    """The ``resources`` entry of a config file (cached per path, modification time and size)."""
+    from mmengine.config import Config
+    try:
+        rec = Config.fromfile(path).get("resources")
+    except Exception as exc:
+        raise UserError(f"{path}: cannot be parsed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    return rec.to_dict() if hasattr(rec, "to_dict") else rec
+
+
+def split_task_resources(resources: dict | None, suite: Suite) -> tuple[dict, dict[str, dict]]:
+    """``--resources`` entries split into those for every task (``nodes=2``) and those for one
+    suite entry (``coco:nodes=8`` → ``{"coco": {"nodes": "8"}}``).
+
+    Raises:
+        UserError: ``TASK:key=value`` names a task the suite does not have.
+    """
+    common: dict = {}
+    per_task: dict[str, dict] = {}
+    for k, v in (resources or {}).items():
+        if ":" in k:
+            task, key = k.split(":", 1)
+            if task not in {t.name for t in suite.tasks}:
+                raise UserError(f"--resources {k}={v}: suite {suite.name!r} has no task {task!r} "
+                                f"(tasks: {', '.join(t.name for t in suite.tasks)})")
+            per_task.setdefault(task, {})[key] = v
+        else:
+            common[k] = v
+    return common, per_task
+
+
+def task_resources(td: TaskDef, arch: str, config: str, common: dict, own: dict | None,
+                   option: str = "--resources") -> Resources:
+    """The resources of one task, each source overriding the one before: the suite entry's
+    resources for ``arch``, the recipe's layout (:func:`recipe_resources`), ``--resources
+    key=value`` (every task), ``--resources TASK:key=value`` (this suite entry)."""
+    res = td.resources_for(arch)
+    rec = recipe_resources(td, config)
+    if rec:
+        res = res.replace(f"{config_path(td, config)}: resources", **rec)
+    res = res.replace(option, **common)
+    if own:
+        try:
+            res = res.replace(option, **own)
+        except UserError as exc:  # name the suite entry: "--resources coco:nodes=0: must be >= 1"
+            raise UserError(str(exc).replace(f"{option} ", f"{option} {td.name}:", 1)) from None
+    return res
+
+
 def plan(suite: Suite, out: Path, *, backbones: dict[str, str] | None = None, pretrains: dict[str, str] | None = None,
          seeds: list[int] = (0,), data_root: str | None = None, tasks: list[str] | None = None,
          arch: str | None = None, cfg_options: list[str] | None = None, pretrain_cfg_options: list[str] | None = None,
@@ -148,18 +231,19 @@ def plan(suite: Suite, out: Path, *, backbones: dict[str, str] | None = None, pr
         td = suite.pretrain
         a = arch or suite.default_arch
         _check_config(td, config, "--pretrain")
-        res = td.resources_for(a).replace("--pretrain-resources", **(pretrain_resources or {}))
+        res = task_resources(td, a, config, pretrain_resources or {}, None, option="--pretrain-resources")
         d = out / "pretrain" / name
         specs.append(TaskSpec(id=f"pretrain/{name}", suite=suite.name, task="pretrain", protocol=td.protocol,
                               module=td.module, config=config, kind="pretrain", backbone_name=name, backbone=None,
                               seed=int(seeds[0]), output_dir=str(d), data_root=data_root, resources=res.to_dict(),
                               arch=a, cfg_options=list(pretrain_cfg_options or []), args=list(td.args)))
         sources[name] = (PRETRAIN_PREFIX + str(d), a, [f"pretrain/{name}"])
+    common, per_task = split_task_resources(resources, suite)
     for td in chosen:
         for name, (bb, a, deps) in sources.items():
             config = td.config_for(a)
             _check_config(td, config, f"--suite {suite.name} (task {td.name})")
-            res = td.resources_for(a).replace(**(resources or {}))
+            res = task_resources(td, a, config, common, per_task.get(td.name))
             for seed in seeds:
                 tid = f"{name}/{td.name}-{config}/seed{int(seed)}"
                 specs.append(TaskSpec(id=tid, suite=suite.name, task=td.name, protocol=td.protocol,
@@ -497,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-cfg-options", nargs="+", default=None, help="key=value overrides for pretraining")
     p.add_argument("--resources", nargs="+", default=None, metavar="KEY=VALUE",
                    help="override the suite's transfer resources (nodes, gpus_per_node, tasks_per_node, "
-                        "cpus_per_task, mem_gb, timeout_min)")
+                        "cpus_per_task, mem_gb, timeout_min); TASK:key=value for one suite entry "
+                        "(e.g. coco:nodes=8); precedence: suite < the recipe's own layout < key=value < TASK:key=value")
     p.add_argument("--pretrain-resources", nargs="+", default=None, metavar="KEY=VALUE")
     p.add_argument("--executor", default="auto", choices=EXECUTORS,
                    help="slurm | local | debug; auto = slurm when `scontrol ping` answers, else local")

@@ -152,12 +152,32 @@ def _job_env() -> tuple[str | None, str | None, int, int]:
         return None, None, 0, 1
 
 
+def job_layout(ntasks: int):
+    """The :class:`crossmae.distributed.Layout` of this process of a job with ``ntasks`` processes.
+
+    On Slurm it is read from Slurm's own variables (``crossmae.distributed.layout_from_env``:
+    rank, local rank and node from ``SLURM_*``, master = first node of the node list, port from the
+    job id), on every node alike. submitit's local executor sets no Slurm variables: there the
+    ``env://`` variables submitit derives are exported first (one host)."""
+    from crossmae.distributed import layout_from_env
+    if "SUBMITIT_LOCAL_JOB_ID" in os.environ:  # submitit's local executor launched it, even inside a Slurm step
+        for k in ("SLURM_STEP_ID", "SLURM_STEPID"):
+            os.environ.pop(k, None)
+    layout = layout_from_env()
+    if ntasks > 1 and layout.launcher == "single":
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        layout = layout_from_env()
+    return layout
+
+
 class TaskRunner(submitit.helpers.Checkpointable):
     """The callable submitted for every task: ``TaskRunner()(spec_dict) -> metrics dict``.
 
-    Sets the torch thread count to ``cpus_per_task``, exports the DDP environment
-    (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``) when the job has more
-    than one process, imports ``spec.module`` and calls its (unwrapped) ``main(argv)``.
+    Derives the process's distributed layout (:func:`job_layout`: on Slurm from the ``SLURM_*``
+    variables of every node; the module's ``init_distributed`` then creates the process group with
+    :func:`crossmae.distributed.setup`), sets the torch thread count to ``cpus_per_task``, imports
+    ``spec.module`` and calls its (unwrapped) ``main(argv)``. Only global rank 0 writes
+    ``task_state.json``.
 
     Raises:
         whatever the task raised (after recording it in ``task_state.json``), so the scheduler
@@ -171,17 +191,17 @@ class TaskRunner(submitit.helpers.Checkpointable):
         s = TaskSpec.from_dict(spec)
         out = s.dir
         out.mkdir(parents=True, exist_ok=True)
-        job_id, log, rank, ntasks = _job_env()
+        job_id, log, _, ntasks = _job_env()
+        layout = job_layout(ntasks)
+        rank = layout.rank
         if (out / METRICS_JSON).is_file():
             return read_json(out / METRICS_JSON)
         prev = read_json(out / STATE_JSON) if rank == 0 else {}
         if rank == 0:
             write_state(out, state="running", attempts=int(prev.get("attempts", 0)) + 1, job_id=job_id,
                         log=log, host=socket.gethostname(), pid=os.getpid(), ppid=os.getppid(),
-                        started_at=time.time(), error=None, traceback=None)
+                        started_at=time.time(), error=None, traceback=None, layout=layout.as_metrics())
         try:
-            if ntasks > 1:
-                submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
             import torch
             torch.set_num_threads(max(1, int(s.resources.get("cpus_per_task", 1))))
             argv = s.argv()
@@ -205,7 +225,9 @@ class TaskRunner(submitit.helpers.Checkpointable):
             if not (out / METRICS_JSON).is_file():
                 write_state(out, state="failed", error=f"{s.module}.main returned without writing metrics.json")
                 raise RuntimeError(f"{s.module}.main returned without writing {out / METRICS_JSON}")
-        return metrics if isinstance(metrics, dict) else read_json(out / METRICS_JSON)
+        res = dict(metrics) if isinstance(metrics, dict) else read_json(out / METRICS_JSON)
+        res["process"] = process_record(layout)  # each process's result says where Slurm put it
+        return res
 
     def checkpoint(self, spec: dict) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption / time-out: requeue the same task; it resumes from its
@@ -216,6 +238,14 @@ class TaskRunner(submitit.helpers.Checkpointable):
         except OSError:
             pass
         return submitit.helpers.DelayedSubmission(TaskRunner(), spec)
+
+
+def process_record(layout) -> dict:
+    """Where this process ran: ``rank``, ``local_rank``, ``node_rank`` (from the layout), ``node``
+    (Slurm's node name ``SLURMD_NODENAME``, else the host name), ``host``, ``pid``."""
+    return {"rank": layout.rank, "local_rank": layout.local_rank, "node_rank": layout.node_rank,
+            "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "host": socket.gethostname(),
+            "pid": os.getpid()}
 
 
 def error_line(exc: BaseException) -> str:

@@ -69,7 +69,7 @@ def test_plan_expands_tasks_backbones_seeds(tmp_path):
     assert len(ids) == len(specs)
     s = next(s for s in specs if s.id == "cmae/coco-paper_vit_base/seed2")
     assert s.arch == "vit_base_patch16"  # read from the checkpoint's args.model
-    assert s.resources["nodes"] == 4 and s.resources["gpus_per_node"] == 8
+    assert s.resources["nodes"] == 8 and s.resources["gpus_per_node"] == 8  # the recipe's 64 GPUs (configs/coco)
     argv = s.argv()
     assert argv[argv.index("--backbone") + 1] == str(b.resolve())
     assert argv[argv.index("--seed") + 1] == "2" and argv[argv.index("--data-root") + 1] == "/data"
@@ -121,7 +121,7 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     res = submit_main(["--suite", "paper", "--backbone", f"mae={ck}", "--output-dir", str(tmp_path / "o"),
                        "--data-root", str(tmp_path), "--dry-run", "--tasks", "coco", "ade20k"])
     out = capsys.readouterr().out
-    assert "mae/coco-paper_vit_base/seed0" in out and "nodes=4 gpus/node=8" in out
+    assert "mae/coco-paper_vit_base/seed0" in out and "nodes=8 gpus/node=8" in out
     assert len(res["specs"]) == 2 and not (tmp_path / "o").exists()
 
 
@@ -181,3 +181,48 @@ def test_main_job_refuses_nonsense_numbers_and_writes_nothing(tmp_path, capsys, 
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: {msg}"
     assert not out.exists()
+
+
+def test_resources_precedence_suite_recipe_command_line_task(tmp_path):
+    """suite entry < the recipe's own layout (config ``resources``) < --resources k=v < --resources TASK:k=v;
+    the COCO paper preset records its 64-GPU layout (8 nodes x 8 GPUs, inherited by ViT-L / ViT-H)."""
+    from benchmarks.suites import Resources, TaskDef
+    from slurm.submit import recipe_resources, split_task_resources, task_resources
+    coco = get_suite("paper").task("coco")
+    for cfg in ("paper_vit_base", "paper_vit_large", "paper_vit_huge"):
+        assert recipe_resources(coco, cfg) == {"nodes": 8, "gpus_per_node": 8, "tasks_per_node": 8}
+    assert recipe_resources(get_suite("paper").task("ade20k"), "paper_vit_base") == {}
+    rec = tmp_path / "recipe.py"
+    rec.write_text("resources = dict(nodes=3, tasks_per_node=2)\nlr = 1.0\n")
+    td = TaskDef(name="t", module="transfer.coco", protocol="p", configs={"*": str(rec)},
+                 resources={"*": Resources(nodes=1, tasks_per_node=1, cpus_per_task=5)})
+    assert task_resources(td, "a", str(rec), {}, None) == Resources(nodes=3, tasks_per_node=2, cpus_per_task=5)
+    assert task_resources(td, "a", str(rec), {"nodes": "2"}, None).nodes == 2
+    assert task_resources(td, "a", str(rec), {"nodes": "2"}, {"nodes": "4"}).nodes == 4
+    common, per = split_task_resources({"nodes": "2", "coco:nodes": "1", "coco:mem_gb": "8"}, get_suite("paper"))
+    assert common == {"nodes": "2"} and per == {"coco": {"nodes": "1", "mem_gb": "8"}}
+    with pytest.raises(UserError, match="--resources t:nodes=0: must be >= 1"):
+        task_resources(td, "a", str(rec), {}, {"nodes": "0"})
+    with pytest.raises(UserError, match="suite 'paper' has no task 'nope'"):
+        split_task_resources({"nope:nodes": "1"}, get_suite("paper"))
+    rec.write_text("resources = dict(nodes=2, partition='x')\n")
+    with pytest.raises(UserError, match="resources must be a dict of nodes, gpus_per_node, tasks_per_node"):
+        recipe_resources(td, str(rec))  # the same path rewritten: read again
+
+
+def test_local_runs_fold_a_multi_node_layout_onto_this_machine():
+    from benchmarks.suites import Resources
+    from slurm.executor import local_resources
+    paper = Resources(nodes=8, gpus_per_node=8, tasks_per_node=8)
+    assert local_resources(paper, cpus=2, gpus=0) == Resources(nodes=1, gpus_per_node=0, tasks_per_node=1)
+    assert local_resources(paper, cpus=16, gpus=2) == Resources(nodes=1, gpus_per_node=2, tasks_per_node=2)
+    cpu = Resources(nodes=2, tasks_per_node=1)  # 2 nodes x 1 CPU process: the same world size on one host
+    assert local_resources(cpu, cpus=2, gpus=0) == Resources(nodes=1, tasks_per_node=2)
+    assert local_resources(Resources(nodes=4, tasks_per_node=2), cpus=2, gpus=0).tasks_per_node == 2
+
+
+def test_the_coco_smoke_preset_does_not_inherit_the_paper_layout():
+    from slurm.submit import recipe_resources
+    assert recipe_resources(get_suite("smoke").task("coco"), "smoke") == {}
+    spec = plan(get_suite("smoke"), Path("/tmp/x"), backbones={"a": __file__}, tasks=["coco"])[0]
+    assert (spec.resources["nodes"], spec.resources["gpus_per_node"]) == (1, 0)

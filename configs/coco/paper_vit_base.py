@@ -62,6 +62,12 @@ optim = dict(
     milestones=[163889, 177546], gamma=0.1,
 )
 
+# The recipe's process layout: detectron2 trained ViTDet on 64 GPUs = 8 nodes x 8 GPUs, 1 image each.
+# slurm.submit requests it (over the suite's resources; --resources / --resources coco:KEY=VALUE override
+# it); a run on fewer devices (a local run, a smaller allocation) keeps total_batch_size=64 through gradient
+# accumulation, and a command started by hand (torchrun, srun) ignores it.
+resources = dict(nodes=8, gpus_per_node=8, tasks_per_node=8)
+
 train = dict(
     total_batch_size=64,
     batch_size=1,                          # per device; detectron2: 64 GPUs x 1 image, accumulation fills the rest

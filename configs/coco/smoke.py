@@ -2,6 +2,7 @@
 # mini COCO (../shared/data/coco) on a CPU in minutes. Only sizes/lengths differ from paper_vit_base.
 _base_ = ["./paper_vit_base.py"]
 protocol = "mask_rcnn_vitdet_smoke"
+resources = None                           # not the paper's 8 nodes x 8 GPUs: the suite's (CPU) resources
 model = dict(arch="vit_tiny_patch16", img_size=256, embed_dim=64, depth=4, num_heads=4,
              drop_path_rate=0.1, window_size=4, global_blocks=[1, 3], out_channels=64,
              # fewer proposals / sampled RoIs: the 4-conv box head dominates CPU time at 1000 RoIs
