@@ -265,6 +265,14 @@ def read_regular(path: str | os.PathLike, root: str | os.PathLike | None = None,
         os.close(fd)
 
 
+def is_regular(path: str | os.PathLike) -> bool:
+    """Whether ``path`` itself (not a symlink's target) is a regular file; never raises."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def read_hashed(path: str | os.PathLike) -> tuple[bytes, str]:
     """``(bytes, hex sha256 of exactly those bytes)`` of a regular file, in one pass
     (:func:`read_regular`). Used for checkpoints: the sha256 that goes into a result is that of the
@@ -299,6 +307,7 @@ SCHEMAS: dict[str, tuple[tuple[str, ...], dict[str, tuple[type, ...]]]] = {
     "run": (("hash", "identity"), {"hash": (str,), "identity": (dict,)}),
     "pin": (("sha256", "size"), {"sha256": (str,), "size": (int,), "mtime_ns": (int, _NONE)}),
     "lock": ((), {"pid": (int,), "host": (str,), "started": (str,), "task": (str, _NONE)}),
+    "object": ((), {}),  # any other suite JSON file: an object, nothing more assumed
 }
 
 
