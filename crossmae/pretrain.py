@@ -53,7 +53,8 @@ from . import engine
 from .checkpoint import CheckpointManager, TrainingDivergedError, unwrap  # noqa: F401  (re-exported)
 from .runs import RunDir, code_version, provenance
 from .utils import (REPO_ROOT, UserError, atomic_write_text, cli_entry, config_hash,
-                    init_distributed, is_main_process, load_config, resolve_data_root, safe_torch_load,
+                    init_distributed, is_main_process, load_config, resolve_data_root,
+                    safe_torch_load_hashed,
                     check_compile_option, maybe_compile, seed_everything, seed_worker, sha256_file)
 from .zoo import resolve_backbone
 
@@ -433,7 +434,7 @@ def _main(argv: list[str] | None) -> dict:
     if args.backbone:
         # a path, or zoo: / hf:// / timm: / http(s):// (downloaded once into the cache), resolved like
         # every command's --backbone; read and checked before anything is written
-        _init_from_backbone(resolve_backbone(args.backbone), model)
+        args.backbone_sha256 = _init_from_backbone(resolve_backbone(args.backbone), model, plan.arch)
 
     run.start()
     output_dir = run.out
@@ -591,12 +592,29 @@ def _load_training_state(state: dict, source: Path, model, optimizer, scaler) ->
         scaler.load_state_dict(state["scaler"])
 
 
-def _init_from_backbone(path: Path, model) -> None:
-    """Strictly load a pretraining checkpoint's ``model`` weights (or a bare state dict) into ``model``."""
-    state = safe_torch_load(path)
+def _init_from_backbone(path: Path, model, arch: str) -> str:
+    """Strictly load a pretraining checkpoint's ``model`` weights (or a bare state dict) into ``model``.
+
+    The file is read once and hashed while read; it goes through the backbone checks of every other
+    command (:func:`crossmae.backbone.check_encoder_tensors`: floating-point weights of ``arch``'s
+    shapes, finite values; a cached download must match its pin). Returns the hex SHA-256 of the
+    bytes loaded (for ``metrics.json``).
+
+    Raises:
+        UserError: unreadable file, integer / non-finite weights, tensors not fitting the model.
+    """
+    from .backbone import check_encoder_tensors
+    from .zoo import check_loaded_sha256
+    state, sha = safe_torch_load_hashed(path)
+    check_loaded_sha256(path, sha)
     sd = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(sd, dict):
         raise UserError(f"{path}: no model state dict inside")
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    check_encoder_tensors(path, tensors, arch)
+    for k, v in tensors.items():
+        if not torch.isfinite(v).all():
+            raise UserError(f"{path}: non-finite values (nan/inf) in {k}")
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -606,6 +624,7 @@ def _init_from_backbone(path: Path, model) -> None:
                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(shape)} shape mismatches "
                         f"(e.g. {shape[:3]})")
     model.load_state_dict(sd, strict=True)
+    return sha
 
 
 def _metrics(cfg, plan, config_name, args, history, ns, output_dir, device, world) -> dict:
@@ -622,7 +641,7 @@ def _metrics(cfg, plan, config_name, args, history, ns, output_dir, device, worl
         "mask_ratio": float(cfg.mask_ratio), "kept_mask_ratio": plan.kept_mask_ratio,
         "lr": ns.lr, "blr": ns.blr, "total_batch_size": ns.total_batch_size,
         "checkpoint": str(final), "checkpoint_sha256": sha256_file(final) if final.is_file() else None,
-        "backbone": args.backbone, "backbone_sha256": sha256_file(resolve_backbone(args.backbone)) if args.backbone else None,
+        "backbone": args.backbone, "backbone_sha256": getattr(args, "backbone_sha256", None) if args.backbone else None,
         "backbone_report": None,
         "config_hash": config_hash(plain(cfg.to_dict())), "seed": int(cfg.seed),
         "epochs": int(cfg.epochs), "iters": int(sum(h["steps"] for h in history)),
