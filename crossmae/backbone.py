@@ -29,6 +29,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from .models import ARCHS, get_arch
-from .utils import UserError, atomic_save, check_writable, cli_entry, safe_torch_load_hashed
+from .utils import UserError, atomic_save, atomic_write_bytes, check_writable, cli_entry, safe_torch_load_hashed
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.", "head.")
 DECODER_PREFIXES = ("decoder_", "mask_token", "dec_norms.", "wfm.")
@@ -572,11 +573,8 @@ def export_encoder(path: str | Path, out: str | Path, arch: str | None = None) -
     out = Path(out)
     try:
         if out.suffix == ".safetensors":
-            from safetensors.torch import save_file
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp")
-            save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-            tmp.replace(out)
+            from safetensors.torch import save
+            atomic_write_bytes(save(sd, metadata={k: str(v) for k, v in meta.items()}), out)
         else:
             atomic_save({"model": sd, "meta": meta}, out)
     except OSError as exc:
@@ -612,6 +610,22 @@ def check_output_file(out: str | Path) -> None:
         check_writable(out, "export target", folder=False)
     except UserError as exc:
         raise BackboneLoadError(str(exc)) from None
+    run_dir = _run_folder_of(out)
+    if run_dir is not None:
+        raise BackboneLoadError(f"{out}: export target lies in run folder {run_dir} (it holds "
+                                f"{', '.join(n for n in RUN_FOLDER_MARKERS if os.path.lexists(run_dir / n))}); an "
+                                f"export never writes into a run's folder: choose another path")
+
+
+#: Files that make a folder a run's (or a suite task's) folder: an export never writes there.
+RUN_FOLDER_MARKERS = ("run.json", "run.lock", "metrics.json", "task.json", "task_state.json")
+
+
+def _run_folder_of(out: Path) -> Path | None:
+    """The run folder ``out`` would be written into (its folder holds a :data:`RUN_FOLDER_MARKERS`
+    file), else None."""
+    folder = out.expanduser().absolute().parent
+    return folder if any(os.path.lexists(folder / n) for n in RUN_FOLDER_MARKERS) else None
 
 
 @cli_entry

@@ -142,11 +142,23 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (used to key caches and to identify checkpoints in results)."""
+    """Hex SHA-256 of a file's bytes (used to key caches and to identify checkpoints in results).
+
+    Raises:
+        UserError: not a regular file (a FIFO or device is refused, never waited on).
+        OSError: the file cannot be opened."""
+    import stat
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never waits on a FIFO
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{path}: not a regular file; refused")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            for block in iter(lambda: f.read(chunk), b""):
+                h.update(block)
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 
@@ -232,6 +244,12 @@ def load_config(config: str | os.PathLike, cfg_options: Iterable[str] | None = N
         cfg = Config.fromfile(str(path))
     except Exception as exc:  # mmengine raises several types for syntax / import errors
         raise UserError(f"{path}: cannot parse config: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if preset_dir is not None:
+        missing = [k for k in required_config_keys(preset_dir) if k not in cfg]
+        if missing:
+            raise UserError(f"{path}: config lacks {', '.join(missing[:6])}"
+                            f"{f' (+{len(missing) - 6} more)' if len(missing) > 6 else ''}, which every preset of "
+                            f"{Path(preset_dir).name} defines (empty, or a config of another command?)")
     overrides = parse_cfg_options(cfg_options)
     as_dict = cfg.to_dict()
     for key, value in overrides.items():
@@ -245,6 +263,29 @@ def load_config(config: str | os.PathLike, cfg_options: Iterable[str] | None = N
         cfg.merge_from_dict(overrides)
     check_config_values(path, cfg.to_dict())
     return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_keys(preset_dir: str) -> tuple[str, ...]:
+    from mmengine.config import Config
+    common: set[str] | None = None
+    for p in sorted(Path(preset_dir).glob("*.py")):
+        if p.stem.startswith("_"):
+            continue
+        try:
+            keys = set(Config.fromfile(str(p)).keys())
+        except Exception:  # a broken preset is reported when it is the one loaded
+            continue
+        common = keys if common is None else common & keys
+    return tuple(sorted(common or ()))
+
+
+def required_config_keys(preset_dir: str | os.PathLike) -> tuple[str, ...]:
+    """The top-level keys every preset of a command defines (``configs/<command>/*.py`` except
+    ``_*.py``): what a ``--config`` file of that command must define too (checked by
+    :func:`load_config`, so an empty config or one of another command is one line, not an
+    ``AttributeError`` deep in the command). Cached per folder."""
+    return _preset_keys(str(Path(preset_dir).resolve()))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -176,11 +176,11 @@ def _task_alive(st: dict, key: str) -> bool:
     return _pid_alive(st.get(key))
 
 
-def _last_error_line(log: str | None) -> str | None:
+def _last_error_line(log: str | None, root: str | os.PathLike | None = None) -> str | None:
     if not isinstance(log, str) or not log or not Path(log).is_file():
         return None
-    try:  # a regular file only: never blocks on a FIFO planted as the log
-        text = read_regular(log).decode(errors="replace")
+    try:  # a regular file (inside root when given) only: never a FIFO, never a file linked from elsewhere
+        text = read_regular(log, root).decode(errors="replace")
     except (OSError, UserError):
         return None
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -191,10 +191,10 @@ def _last_error_line(log: str | None) -> str | None:
 
 
 def task_status(d: str | os.PathLike, sacct: "SlurmView | dict[str, str] | None" = None,
-                tid: str | None = None) -> TaskStatus:
+                tid: str | None = None, root: str | os.PathLike | None = None) -> TaskStatus:
     """The state of the task in folder ``d`` (see the module doc). ``sacct``: a prefetched
     :class:`SlurmView` (or a bare :func:`sacct_states` map); queried here when None and the task
-    ran on Slurm."""
+    ran on Slurm. ``root``: the output folder; the task's log is read only when it lies inside it."""
     d = Path(d)
     task = read_json(d / TASK_JSON)
     st = read_json(d / STATE_JSON)
@@ -227,7 +227,7 @@ def task_status(d: str | os.PathLike, sacct: "SlurmView | dict[str, str] | None"
         elif sl == "CANCELLED":
             ts.state = "cancelled"
         elif sl in _SLURM_FAILED:
-            ts.state, ts.error = "failed", f"slurm state {sl}: {_last_error_line(log) or 'no log line'}"
+            ts.state, ts.error = "failed", f"slurm state {sl}: {_last_error_line(log, root) or 'no log line'}"
         elif sl == "COMPLETED":
             ts.state, ts.error = "failed", "job completed without writing metrics.json"
         else:  # not in sacct (yet): trust the task's own state
@@ -276,7 +276,7 @@ def collect(root: str | os.PathLike) -> list[TaskStatus]:
         if t.get("executor") == "slurm":
             jobs.append(st.get("job_id") or t.get("job_id"))
     states = SlurmView.query([j for j in jobs if j])
-    return [task_status(d, states, tid=str(d.relative_to(root))) for d in dirs]
+    return [task_status(d, states, tid=str(d.relative_to(root)), root=root) for d in dirs]
 
 
 def format_table(rows: list[TaskStatus]) -> str:

@@ -35,6 +35,9 @@ TASK_JSON = "task.json"
 STATE_JSON = "task_state.json"
 METRICS_JSON = "metrics.json"
 PRETRAIN_PREFIX = "pretrain:"
+#: The marker of a suite's output root (written by ``slurm.submit``): another suite is never launched
+#: inside it, nor around it, and the leaderboard of one suite never collects another's results.
+SUITE_JSON = "suite.json"
 
 
 @dataclass
@@ -142,6 +145,28 @@ def read_json(path: str | os.PathLike, kind: str | None = None) -> dict:
     from crossmae.safeio import load_json
     path = Path(path)
     return load_json(path, kind or JSON_KINDS.get(path.name, "object"), missing_ok=True) or {}
+
+
+def nested_suite(out: str | os.PathLike, depth: int = 4) -> str | None:
+    """Why a suite may not use ``out`` as its root, or None: a folder above it is a suite root
+    (:data:`SUITE_JSON`) or a task's folder (``task.json``), or a folder below it (down to ``depth``
+    levels: a suite's task folders are 3 deep) is another suite's root."""
+    out = Path(out).resolve()
+    for a in out.parents:
+        for marker, what in ((SUITE_JSON, "another suite's output folder"), (TASK_JSON, "a task's folder")):
+            if os.path.lexists(a / marker):
+                return f"lies inside {a}, {what} ({a / marker})"
+    if not out.is_dir():
+        return None
+    for cur, dirs, files in os.walk(out):
+        rel = Path(cur).relative_to(out)
+        if rel.parts and SUITE_JSON in files:
+            return f"holds another suite's output folder {cur} ({SUITE_JSON})"
+        if len(rel.parts) >= depth or TASK_JSON in files:
+            dirs[:] = []
+        else:
+            dirs[:] = [d for d in dirs if not (rel == Path(".") and d == "jobs")]
+    return None
 
 
 def process_identity(pid: int) -> dict | None:
