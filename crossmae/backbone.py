@@ -169,10 +169,9 @@ def _read_raw(path: Path) -> tuple[dict, dict | None, object, str, str]:
         except Exception as exc:
             raise BackboneLoadError(f"{path}: not a readable safetensors file: {str(exc).splitlines()[0]}")
     try:
-        obj, sha = safe_torch_load_hashed(path)
+        obj, sha = safe_torch_load_hashed(path, verify=check_loaded_sha256)  # pin checked before unpickling
     except UserError as exc:
         raise BackboneLoadError(str(exc)) from None
-    _check_pin(check_loaded_sha256, path, sha)
     if not isinstance(obj, dict):
         raise BackboneLoadError(f"{path}: not a ViT checkpoint (holds a {type(obj).__name__}, not a dict)")
     for key in ("model", "state_dict"):

@@ -605,8 +605,7 @@ def _init_from_backbone(path: Path, model, arch: str) -> str:
     """
     from .backbone import check_encoder_tensors
     from .zoo import check_loaded_sha256
-    state, sha = safe_torch_load_hashed(path)
-    check_loaded_sha256(path, sha)
+    state, sha = safe_torch_load_hashed(path, verify=check_loaded_sha256)
     sd = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(sd, dict):
         raise UserError(f"{path}: no model state dict inside")

@@ -489,7 +489,8 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def safe_torch_load_hashed(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
-                           root: str | os.PathLike | None = None) -> tuple[Any, str]:
+                           root: str | os.PathLike | None = None,
+                           verify: Callable[[Path, str], None] | None = None) -> tuple[Any, str]:
     """``(object, sha256)``: ``torch.load`` (``weights_only=True``, only :data:`SAFE_GLOBALS`) of the
     bytes of ``path`` read once, the SHA-256 computed from exactly those bytes while they are read
     (no second pass that a swapped file could answer differently).
@@ -497,7 +498,9 @@ def safe_torch_load_hashed(path: str | os.PathLike, map_location: str | torch.de
     The file is read as a regular file (:func:`crossmae.safeio.read_regular`: never a FIFO or a
     device). ``path`` given by the user may be a symlink (it is resolved first); with ``root`` (a file
     of a run folder, e.g. ``checkpoint-latest.pth``) a symlink or a file outside ``root`` is refused.
-    Memory: the file's bytes are held while torch builds the tensors (peak about twice the file).
+    ``verify(path, sha256)`` (e.g. :func:`crossmae.zoo.check_loaded_sha256`) runs before anything is
+    unpickled. Memory: the file's bytes are held while torch builds the tensors (peak about twice
+    the file).
 
     Raises:
         UserError: missing file, not a regular file, empty/truncated file, or a pickle that needs other
@@ -519,6 +522,8 @@ def safe_torch_load_hashed(path: str | os.PathLike, map_location: str | torch.de
         raise UserError(f"{path}: checkpoint file not found") from None
     if not data:
         raise UserError(f"{path}: checkpoint file is empty")
+    if verify is not None:
+        verify(path, sha)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True), sha
