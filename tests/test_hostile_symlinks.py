@@ -8,7 +8,6 @@ link (or, for scanners, a one-line warning and the file skipped), and the link's
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

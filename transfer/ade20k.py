@@ -16,9 +16,9 @@ per-class IoU/Acc) is written last and only for a finished run.
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from crossmae import engine
 from crossmae.checkpoint import CheckpointManager, unwrap
-from crossmae.utils import (REPO_ROOT, UserError, atomic_write_json, cli_entry, config_hash, default_device,
+from crossmae.utils import (REPO_ROOT, UserError, atomic_write_bytes, atomic_write_json, cli_entry, config_hash, default_device,
                             init_distributed, is_main_process, resolve_data_root, seed_everything, seed_worker)
 from crossmae.runs import (build_parser as _common_parser, close_logger, code_version, device_name,
                            get_logger, prepare_run, provenance, report_dict, resolve_config, tb_writer)
@@ -194,10 +194,9 @@ def evaluate(model: UperNet, dataset: SegTestDataset, cfg, class_names: list[str
         rows.append((i, s.image.name, *image_counts(pred.cpu(), lab, cfg.model.num_classes)))
         if overlay_dir is not None and rank == 0 and written < n_over:
             overlay_dir.mkdir(parents=True, exist_ok=True)
-            path = overlay_dir / f"{s.image.stem}.png"
-            tmp = path.with_name(f".{path.name}.tmp.png")
-            Image.fromarray(overlay(img, pred.cpu().numpy(), cfg.model.num_classes)).save(tmp)
-            os.replace(tmp, path)
+            buf = io.BytesIO()  # written through crossmae.safeio (no planted link followed)
+            Image.fromarray(overlay(img, pred.cpu().numpy(), cfg.model.num_classes)).save(buf, format="PNG")
+            atomic_write_bytes(buf.getvalue(), overlay_dir / f"{s.image.stem}.png")
             written += 1
     cm.all_reduce()
     if world > 1:
