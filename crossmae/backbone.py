@@ -621,10 +621,12 @@ RUN_FOLDER_MARKERS = ("run.json", "run.lock", "metrics.json", "task.json", "task
 
 
 def _run_folder_of(out: Path) -> Path | None:
-    """The run folder ``out`` would be written into (its folder holds a :data:`RUN_FOLDER_MARKERS`
-    file), else None."""
-    folder = out.expanduser().absolute().parent
-    return folder if any(os.path.lexists(folder / n) for n in RUN_FOLDER_MARKERS) else None
+    """The run folder ``out`` would be written into, at any depth (a folder above it holds a
+    :data:`RUN_FOLDER_MARKERS` file), else None."""
+    for folder in out.expanduser().absolute().parents:
+        if any(os.path.lexists(folder / n) for n in RUN_FOLDER_MARKERS):
+            return folder
+    return None
 
 
 @cli_entry

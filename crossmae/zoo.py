@@ -568,6 +568,9 @@ def _download(r: _Remote) -> Path:
         _check_readable(tmp, label, _is_safetensors(r))
         if r.entry is not None and r.entry.md5_prefix:
             extra["md5"] = _md5(tmp)
+        if os.path.lexists(r.cache_path) and not os.path.islink(r.cache_path) and not r.cache_path.is_file():
+            raise UserError(f"{r.cache_path}: cache path exists and is not a regular file (a folder?); refused; "
+                            f"remove it to download {r.url}")
         os.replace(tmp, r.cache_path)
         _write_pin(r, r.cache_path, sha, extra)
         return r.cache_path
