@@ -144,3 +144,12 @@ def test_unparsable_urls_are_one_line_in_commands_and_in_suite_planning(cache, c
     from slurm.submit import plan
     with pytest.raises(UserError, match="not a valid URI"):
         plan(get_suite("smoke"), tmp_path / "suite", backbones={"x": url})
+
+
+def test_cache_path_that_is_a_folder_is_one_line(served, cache, capsys):
+    spec = f"{served[0]}/mae.pth"
+    r = zoo._remotes(spec)[0]
+    r.cache_path.mkdir(parents=True)
+    msg = _one_line(capsys, ["inspect", spec])
+    assert f"{r.cache_path}: cache path exists and is not a regular file" in msg
+    assert r.cache_path.is_dir() and list(r.cache_path.iterdir()) == []
