@@ -90,9 +90,12 @@ def cancel(root: str | os.PathLike, patterns: list[str] | None = None, dry_run: 
                 raise UserError(f"scancel {r.job_id} ({r.id}) failed: {p.stderr.strip()[:200]}")
         elif r.executor in ("local", "debug"):
             st = read_json(d / STATE_JSON)
-            pid, why = own_process(st, "ppid")  # only a process provably the task's own is signalled
+            # local: the submitit controller (the task's parent); debug: the task runs inside the
+            # submitting process itself, whose parent is the user's shell: never signal that
+            key = "ppid" if r.executor == "local" else "pid"
+            pid, why = own_process(st, key)  # only a process provably the task's own is signalled
             if pid is None:
-                if st.get("ppid") is not None or st.get("state") == "running":
+                if st.get(key) is not None or st.get("state") == "running":
                     write_state(d, state=before, cancelled_at=None)
                     refused[r.id] = f"{NOT_SIGNALLED}: {why}"
                 continue
