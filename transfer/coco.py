@@ -30,7 +30,7 @@ from crossmae import engine
 from crossmae.checkpoint import CheckpointManager, unwrap
 from crossmae.utils import (REPO_ROOT, UserError, atomic_save, atomic_write_json, cli_entry,
                             config_hash, init_distributed, load_config, resolve_data_root,
-                            safe_torch_load, seed_everything, seed_worker, sha256_file)
+                            safe_torch_load_hashed, seed_everything, seed_worker)
 from crossmae.runs import RunDir, close_logger, code_version, default_preset, get_logger, provenance
 
 TASK = "coco"
@@ -86,14 +86,15 @@ def _amp(device: torch.device, tcfg: dict):
     return engine.autocast(device, dtype)
 
 
-def load_detector_weights(model: torch.nn.Module, path: str) -> None:
+def load_detector_weights(model: torch.nn.Module, path: str) -> str:
     """Load detector weights from ``model_final.pth`` (``{'model': sd}``), a training checkpoint or a
-    bare state dict, strictly.
+    bare state dict, strictly. Returns the hex SHA-256 of the bytes loaded (read once:
+    :func:`crossmae.utils.safe_torch_load_hashed`), the ``weights_sha256`` of ``metrics.json``.
 
     Raises:
         UserError: unreadable file, or keys / shapes that do not match this config's detector.
     """
-    obj = safe_torch_load(path)
+    obj, sha = safe_torch_load_hashed(path)
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path}: not a detector state dict")
@@ -103,6 +104,7 @@ def load_detector_weights(model: torch.nn.Module, path: str) -> None:
         first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:2]
         raise UserError(f"{path}: weights do not match the {unwrap(model).__class__.__name__} of this config: "
                         f"{' '.join(first)[:300]}")
+    return sha
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     mc = cfg.model.to_dict()
     run.model, run.report = build_model(mc), None
     if args.eval_only:
-        load_detector_weights(run.model, args.weights)
+        run.weights_sha256 = load_detector_weights(run.model, args.weights)
     elif args.backbone != "none":
         run.report = load_pretrained_backbone(run.model.backbone.net, args.backbone, mc["pretrain_img_size"],
                                               mc["arch"])
@@ -247,7 +249,7 @@ def _run(args, cfg, out, log, device, world, accum, per_device, train_set, val_s
         metrics, per_cat = evaluate(model, val_set, device, cfg, out, "", log)
         result = {**metrics_common, "metrics": metrics, "per_category": per_cat, "backbone": args.backbone,
                   "backbone_sha256": None, "backbone_report": None, "weights": str(args.weights),
-                  "weights_sha256": sha256_file(args.weights), "iters": 0,
+                  "weights_sha256": run.weights_sha256, "iters": 0,
                   "wall_time_s": round(time.time() - t_start, 2)}
         return run.finish(result)
 
