@@ -299,7 +299,9 @@ def dispatch(specs: list[TaskSpec], out: Path, executor: str = "auto", opts: Clu
     if why:
         raise UserError(f"{out}: --output-dir {why}; give every suite its own folder")
     todo, skipped = _triage(specs, force)  # may refuse (UserError) before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    from crossmae.safeio import real_dir
+    real_dir(out, "--output-dir", create=True)
+    real_dir(out / "jobs", "job folder", create=True)  # submitit writes the job logs there: never through a link
     if not os.path.lexists(out / SUITE_JSON):
         atomic_write_json({"suite": specs[0].suite if specs else None, "created_at": time.time()}, out / SUITE_JSON)
     folder = out / "jobs"

@@ -162,3 +162,17 @@ def test_status_skips_state_linked_from_elsewhere_and_never_reads_an_outside_log
     from slurm.status import _last_error_line
     assert _last_error_line(str(secret), root) is None  # a log outside the output folder is not read
     assert all("secret" not in (r.error or "") for r in rows)
+
+
+def test_suite_job_folder_that_is_a_symlink_is_refused(tmp_path, tiny_mae_official):
+    from benchmarks.suites import get_suite
+    from slurm.submit import dispatch, plan
+    victim = _victim(tmp_path)
+    out = tmp_path / "suite"
+    out.mkdir()
+    (out / "jobs").symlink_to(victim.parent, target_is_directory=True)
+    specs = plan(get_suite("smoke"), out, backbones={"mae": str(tiny_mae_official)}, tasks=["linprobe"],
+                 data_root=str(tmp_path))
+    with pytest.raises(UserError, match=r"jobs: job folder is a symlink"):
+        dispatch(specs, out, "local", leaderboard=False, progress=None)
+    assert sorted(p.name for p in victim.parent.iterdir()) == ["precious.txt"]
