@@ -110,27 +110,46 @@ def warn(msg: str) -> None:
     print(f"warning: {' '.join(str(msg).split())}", file=sys.stderr)
 
 
-def _read_json(path: Path) -> dict:
-    import json
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable metrics/task file ({type(exc).__name__}: {exc})")
-    if not isinstance(d, dict):
-        raise UserError(f"{path}: not a JSON object")
-    return d
+def read_result(path: str | os.PathLike, root: str | os.PathLike | None = None, kind: str = "metrics") -> dict:
+    """One result / task file of a runs folder, as the leaderboard may trust it: a regular file inside
+    ``root`` (never a symlink, FIFO or device; nothing outside the folder given is opened), at most
+    64 MiB, nested at most 64 levels, of the shape of ``kind`` (``metrics``, ``task``, ``task_state``:
+    :data:`crossmae.safeio.SCHEMAS`; e.g. ``wall_time_s`` a number, ``metrics`` an object).
+
+    Raises:
+        UserError: one line naming the file and the problem (the caller warns and skips it).
+    """
+    from crossmae.safeio import load_json
+    return load_json(path, kind, root)
 
 
-def _side_json(path: Path) -> dict:
-    """A task's ``task.json`` / ``task_state.json``: ``{}`` when absent; a malformed one is ignored
-    with a warning (the metrics stand on their own)."""
-    if not path.is_file():
+def _read_json(path: Path, root: Path | None = None, kind: str = "metrics") -> dict:
+    return read_result(path, root, kind)
+
+
+def _side_json(path: Path, root: Path | None = None) -> dict:
+    """A task's ``task.json`` / ``task_state.json``: ``{}`` when absent; a malformed, non-regular or
+    outside one is ignored with a warning (the metrics stand on their own)."""
+    if not os.path.lexists(path):
         return {}
     try:
-        return _read_json(path)
+        return _read_json(path, root, {"task.json": "task", "task_state.json": "task_state"}.get(path.name, "object"))
     except UserError as exc:
         warn(f"{exc}; ignored")
         return {}
+
+
+def _nested_suite_root(d: Path, root: Path, cache: dict) -> Path | None:
+    """The folder between ``root`` (exclusive) and ``d`` (inclusive) that is another suite's root
+    (``suite.json``), else None: one suite's leaderboard never collects another's results."""
+    for a in [d, *d.parents]:
+        if a == root or root not in a.parents:
+            return None
+        if a not in cache:
+            cache[a] = os.path.lexists(a / "suite.json")
+        if cache[a]:
+            return a
+    return None
 
 
 def _metrics_problem(m: dict) -> str | None:
@@ -224,12 +243,20 @@ def collect(root: str | os.PathLike) -> list[dict]:
         raise UserError(f"{root}: output folder does not exist")
     cache: dict = {}
     out = []
+    nested: dict = {}
+    warned_nested: set = set()
     for mpath in sorted(root.rglob("metrics.json")):
         rel = mpath.parent.relative_to(root)
         if rel.parts[:1] in (("jobs",), ("pretrain",)) or any(".old-" in p for p in rel.parts):
             continue
+        inner = _nested_suite_root(mpath.parent, root, nested)
+        if inner is not None:
+            if inner not in warned_nested:
+                warned_nested.add(inner)
+                warn(f"{inner}: another suite's output folder (suite.json) inside {root}; its results skipped")
+            continue
         try:
-            m = _read_json(mpath)
+            m = _read_json(mpath, root)
         except UserError as exc:
             warn(f"{exc}; skipped")
             continue
@@ -239,9 +266,9 @@ def collect(root: str | os.PathLike) -> list[dict]:
             continue
         if m["task"] == "pretrain":
             continue
-        spec = _side_json(mpath.parent / "task.json").get("spec", {})
+        spec = _side_json(mpath.parent / "task.json", root).get("spec", {})
         spec = spec if isinstance(spec, dict) else {}
-        state = _side_json(mpath.parent / "task_state.json")
+        state = _side_json(mpath.parent / "task_state.json", root)
         report = m.get("backbone_report") if isinstance(m.get("backbone_report"), dict) else {}
         bb = m.get("backbone")
         key = backbone_key(m, cache)

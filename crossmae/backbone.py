@@ -29,6 +29,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from .models import ARCHS, get_arch
-from .utils import UserError, atomic_save, check_writable, cli_entry, safe_torch_load, sha256_file
+from .utils import UserError, atomic_save, atomic_write_bytes, check_writable, cli_entry, safe_torch_load_hashed
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.", "head.")
 DECODER_PREFIXES = ("decoder_", "mask_token", "dec_norms.", "wfm.")
@@ -142,9 +143,13 @@ def _group(keys: Iterable[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------------------
-def _read_raw(path: Path) -> tuple[dict, dict | None, object, str]:
-    """(state_dict, container-or-None, args, container kind) from a file; safe loading only."""
-    from .zoo import resolve_backbone
+def _read_raw(path: Path) -> tuple[dict, dict | None, object, str, str]:
+    """(state_dict, container-or-None, args, container kind, sha256) from a file; safe loading only.
+
+    The file's bytes are read once (:func:`crossmae.utils.safe_torch_load_hashed`): the sha256 is that
+    of exactly the bytes loaded, and a cached download whose bytes differ from its pin is refused
+    (:func:`crossmae.zoo.check_loaded_sha256`)."""
+    from .zoo import check_loaded_sha256, resolve_backbone
     try:
         path = resolve_backbone(path)
     except UserError as exc:
@@ -152,24 +157,37 @@ def _read_raw(path: Path) -> tuple[dict, dict | None, object, str]:
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise BackboneLoadError(f"{path}: checkpoint file not found")
+        from .safeio import read_hashed
         try:
-            from safetensors.torch import load_file
-            return load_file(str(path)), None, None, "bare"
+            data, sha = read_hashed(path.resolve())
+        except UserError as exc:
+            raise BackboneLoadError(str(exc)) from None
+        _check_pin(check_loaded_sha256, path, sha)
+        try:
+            from safetensors.torch import load as load_safetensors
+            return load_safetensors(data), None, None, "bare", sha
         except Exception as exc:
             raise BackboneLoadError(f"{path}: not a readable safetensors file: {str(exc).splitlines()[0]}")
     try:
-        obj = safe_torch_load(path)
+        obj, sha = safe_torch_load_hashed(path, verify=check_loaded_sha256)  # pin checked before unpickling
     except UserError as exc:
         raise BackboneLoadError(str(exc)) from None
     if not isinstance(obj, dict):
         raise BackboneLoadError(f"{path}: not a ViT checkpoint (holds a {type(obj).__name__}, not a dict)")
     for key in ("model", "state_dict"):
         if isinstance(obj.get(key), dict):
-            return obj[key], obj, obj.get("args"), key
+            return obj[key], obj, obj.get("args"), key, sha
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, None, None, "bare"
+        return obj, None, None, "bare", sha
     raise BackboneLoadError(f"{path}: not a ViT checkpoint (no 'model' or 'state_dict' entry and not a "
                             f"state dict; top-level keys {_short(obj.keys())})")
+
+
+def _check_pin(check, path: Path, sha: str) -> None:
+    try:
+        check(path, sha)
+    except UserError as exc:
+        raise BackboneLoadError(str(exc)) from None
 
 
 def _strip_wrappers(sd: dict) -> dict:
@@ -364,7 +382,7 @@ def load_encoder_state_dict(path: str | Path, *, arch: str | None = None, img_si
         raise BackboneLoadError(str(exc)) from None
     entry = zoo.zoo_entry(source)
     check_img_size(img_size, f"{path}: image size")
-    sd, container, args, _ = _read_raw(path)
+    sd, container, args, _, sha = _read_raw(path)
     sd = _strip_wrappers(sd)
     fmt = _detect_format(sd, container)
     arch, patch, width, depth = _infer_arch(path, sd, arch)
@@ -416,7 +434,6 @@ def load_encoder_state_dict(path: str | Path, *, arch: str | None = None, img_si
     meta = _args_meta(args, container, fmt)
     if meta.get("method") is None and entry is not None:
         meta.update(method=entry["method"], method_from="zoo")
-    sha = (zoo.known_sha256(path) or sha256_file(path)) if path.is_file() else ""
     report = LoadReport(path=str(path), sha256=sha, format=fmt, arch=arch,
                         has_final_norm="norm.weight" in enc, loaded=sorted(enc), ignored=ignored,
                         pos_embed_resized=resized, patch_embed_resized=patch_resized,
@@ -555,11 +572,8 @@ def export_encoder(path: str | Path, out: str | Path, arch: str | None = None) -
     out = Path(out)
     try:
         if out.suffix == ".safetensors":
-            from safetensors.torch import save_file
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp")
-            save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-            tmp.replace(out)
+            from safetensors.torch import save
+            atomic_write_bytes(save(sd, metadata={k: str(v) for k, v in meta.items()}), out)
         else:
             atomic_save({"model": sd, "meta": meta}, out)
     except OSError as exc:
@@ -595,6 +609,24 @@ def check_output_file(out: str | Path) -> None:
         check_writable(out, "export target", folder=False)
     except UserError as exc:
         raise BackboneLoadError(str(exc)) from None
+    run_dir = _run_folder_of(out)
+    if run_dir is not None:
+        raise BackboneLoadError(f"{out}: export target lies in run folder {run_dir} (it holds "
+                                f"{', '.join(n for n in RUN_FOLDER_MARKERS if os.path.lexists(run_dir / n))}); an "
+                                f"export never writes into a run's folder: choose another path")
+
+
+#: Files that make a folder a run's (or a suite task's) folder: an export never writes there.
+RUN_FOLDER_MARKERS = ("run.json", "run.lock", "metrics.json", "task.json", "task_state.json")
+
+
+def _run_folder_of(out: Path) -> Path | None:
+    """The run folder ``out`` would be written into, at any depth (a folder above it holds a
+    :data:`RUN_FOLDER_MARKERS` file), else None."""
+    for folder in out.expanduser().absolute().parents:
+        if any(os.path.lexists(folder / n) for n in RUN_FOLDER_MARKERS):
+            return folder
+    return None
 
 
 @cli_entry

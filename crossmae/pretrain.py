@@ -54,7 +54,7 @@ from . import engine
 from .checkpoint import CheckpointManager, TrainingDivergedError, unwrap  # noqa: F401  (re-exported)
 from .runs import Run, batch_layout, code_version, provenance, resolve_device  # noqa: F401  (re-exported)
 from .utils import (REPO_ROOT, UserError, atomic_write_text, cli_entry, config_hash,
-                    is_main_process, load_config, resolve_data_root, safe_torch_load,
+                    is_main_process, load_config, resolve_data_root, safe_torch_load_hashed,
                     check_compile_option, maybe_compile, seed_everything, seed_worker, sha256_file)
 from .zoo import resolve_backbone
 
@@ -404,9 +404,10 @@ def _main(argv: list[str] | None) -> dict:
     if args.backbone:
         # a path, or zoo: / hf:// / timm: / http(s):// (downloaded once into the cache), resolved like
         # every command's --backbone; read and checked before anything is written
-        _init_from_backbone(resolve_backbone(args.backbone), model)
+        args.backbone_sha256 = _init_from_backbone(resolve_backbone(args.backbone), model, plan.arch)
 
-    job = Job(cfg, plan, config_name, args.backbone, model, dataset, folder, accum, steps_per_epoch, lr)
+    job = Job(cfg, plan, config_name, args.backbone, model, dataset, folder, accum, steps_per_epoch, lr,
+              getattr(args, "backbone_sha256", None))
     with run.start(), run_logging(run.out, run.main):
         return train(run, job)
 
@@ -424,6 +425,7 @@ class Job:
     accum: int
     steps_per_epoch: int
     lr: float
+    backbone_sha256: str | None = None   # SHA-256 of the bytes --backbone was loaded from
 
 
 def train(run: Run, job: Job) -> dict:
@@ -511,7 +513,7 @@ def train(run: Run, job: Job) -> dict:
             atomic_write_text("".join(_json_line(h) for h in history), output_dir / "log.jsonl")
         run.barrier()
 
-    metrics = _metrics(cfg, plan, job.config_name, job.backbone, history, ns, output_dir)
+    metrics = _metrics(cfg, plan, job.config_name, job.backbone, job.backbone_sha256, history, ns, output_dir)
     metrics.update(provenance(run.identity["data_root"], (), num_train=len(dataset), num_eval=0), predictions=None)
     metrics = run.finish(metrics)
     if run.main:
@@ -541,12 +543,28 @@ def scaler_entry(scaler: torch.amp.GradScaler) -> dict:
             "_growth_tracker": 0}
 
 
-def _init_from_backbone(path: Path, model) -> None:
-    """Strictly load a pretraining checkpoint's ``model`` weights (or a bare state dict) into ``model``."""
-    state = safe_torch_load(path)
+def _init_from_backbone(path: Path, model, arch: str) -> str:
+    """Strictly load a pretraining checkpoint's ``model`` weights (or a bare state dict) into ``model``.
+
+    The file is read once and hashed while read; it goes through the backbone checks of every other
+    command (:func:`crossmae.backbone.check_encoder_tensors`: floating-point weights of ``arch``'s
+    shapes, finite values; a cached download must match its pin). Returns the hex SHA-256 of the
+    bytes loaded (for ``metrics.json``).
+
+    Raises:
+        UserError: unreadable file, integer / non-finite weights, tensors not fitting the model.
+    """
+    from .backbone import check_encoder_tensors
+    from .zoo import check_loaded_sha256
+    state, sha = safe_torch_load_hashed(path, verify=check_loaded_sha256)
     sd = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(sd, dict):
         raise UserError(f"{path}: no model state dict inside")
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    check_encoder_tensors(path, tensors, arch)
+    for k, v in tensors.items():
+        if not torch.isfinite(v).all():
+            raise UserError(f"{path}: non-finite values (nan/inf) in {k}")
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -556,9 +574,10 @@ def _init_from_backbone(path: Path, model) -> None:
                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(shape)} shape mismatches "
                         f"(e.g. {shape[:3]})")
     model.load_state_dict(sd, strict=True)
+    return sha
 
 
-def _metrics(cfg, plan, config_name, backbone, history, ns, output_dir) -> dict:
+def _metrics(cfg, plan, config_name, backbone, backbone_sha256, history, ns, output_dir) -> dict:
     final = output_dir / f"checkpoint-{cfg.epochs - 1}.pth"
     total_time = sum(h["time_s"] for h in history)
     total_images = sum(h["images"] for h in history)
@@ -571,7 +590,7 @@ def _metrics(cfg, plan, config_name, backbone, history, ns, output_dir) -> dict:
         "mask_ratio": float(cfg.mask_ratio), "kept_mask_ratio": plan.kept_mask_ratio,
         "lr": ns.lr, "blr": ns.blr, "total_batch_size": ns.total_batch_size,
         "checkpoint": str(final), "checkpoint_sha256": sha256_file(final) if final.is_file() else None,
-        "backbone": backbone, "backbone_sha256": sha256_file(resolve_backbone(backbone)) if backbone else None,
+        "backbone": backbone, "backbone_sha256": backbone_sha256 if backbone else None,
         "backbone_report": None,
         "config_hash": config_hash(plain(cfg.to_dict())), "seed": int(cfg.seed),
         "epochs": int(cfg.epochs), "iters": int(sum(h["steps"] for h in history)),

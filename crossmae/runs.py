@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .safeio import check_schema, load_json, open_in_dir, read_regular, real_dir
 from .utils import (check_writable, REPO_ROOT, UserError, atomic_write_json, atomic_write_text, config_hash, is_main_process,
                     load_config, safe_torch_load, sha256_file)
 
@@ -174,15 +175,14 @@ class RunDir:
     # --- phase 1: read-only checks -------------------------------------------------------------
     def _check_finished(self) -> dict | None:
         path = self.out / "metrics.json"
-        if not path.exists():
+        if not os.path.lexists(path):
             return None
-        try:
-            old = json.loads(path.read_text())
-            if not isinstance(old, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{path}: output dir holds an unreadable metrics.json ({str(exc).splitlines()[0][:80]}); "
-                            f"results are never overwritten: choose a new --output-dir") from None
+        try:  # a regular file of the expected shape only (never a symlink / FIFO: crossmae.safeio)
+            old = load_json(path, "metrics", self.out)
+        except UserError as exc:
+            why = str(exc).removeprefix(f"{path}: ")[:200]
+            raise UserError(f"{path}: output dir holds an unreadable metrics.json ({why}); results are never "
+                            f"overwritten: choose a new --output-dir") from None
         if old.get("run_hash") != self.hash:
             rec = self._read_record()
             what = _identity_diff(rec["identity"], self.identity) if rec else f"unknown, no {RUN_RECORD}"
@@ -194,9 +194,8 @@ class RunDir:
 
     def _read_record(self) -> dict | None:
         try:
-            rec = json.loads((self.out / RUN_RECORD).read_text())
-            return rec if isinstance(rec, dict) and isinstance(rec.get("identity"), dict) else None
-        except (OSError, ValueError):
+            return load_json(self.out / RUN_RECORD, "run", self.out, missing_ok=True)
+        except UserError:
             return None
 
     # --- phase 2: take the folder ----------------------------------------------------------------
@@ -205,7 +204,7 @@ class RunDir:
         temporary files, decide what to resume from (and read it: a checkpoint without every key of
         ``required`` is refused before anything is written) and write ``config.py`` + ``run.json``.
         Call only after every input was validated. Returns ``self``."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        real_dir(self.out, "--output-dir", create=True)
         try:
             if self.main:
                 self._lock()   # only acquired: the holder is written once every check passed
@@ -226,14 +225,14 @@ class RunDir:
 
     def _check_resume(self) -> None:
         latest = self.out / "checkpoint-latest.pth"
-        if latest.exists():
+        if os.path.lexists(latest):
             rec = self._read_record()
             if rec is not None and rec.get("hash") != self.hash:
                 raise UserError(f"{latest}: the run being resumed used another config (differs in: "
                                 f"{_identity_diff(rec['identity'], self.identity)}); use the same config or a "
                                 f"new --output-dir")
-            if rec is None and (self.out / "config.py").exists() and \
-                    (self.out / "config.py").read_text() != self.config_text:
+            if rec is None and os.path.lexists(self.out / "config.py") and \
+                    read_regular(self.out / "config.py", self.out).decode(errors="replace") != self.config_text:
                 raise UserError(f"{self.out / 'config.py'}: the run being resumed used a different config; "
                                 f"use the same config or a new --output-dir")
             self.resume_from = latest
@@ -243,13 +242,13 @@ class RunDir:
     def _lock(self) -> None:
         import fcntl
         path = self.out / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = open_in_dir(path, os.O_RDWR | os.O_CREAT)  # never through a planted symlink / folder / FIFO
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             try:
-                holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-            except ValueError:
+                holder = check_schema(json.loads(os.pread(fd, 4096, 0).decode() or "{}"), "lock", path)
+            except (ValueError, RecursionError, UserError):
                 holder = {}
             os.close(fd)
             raise UserError(f"{self.out}: output dir is in use by another run (pid {holder.get('pid', '?')} on "
@@ -298,7 +297,8 @@ class RunDir:
     def _read_state(self, required) -> dict | None:
         if self.resume_from is None:
             return None
-        return self._check_state(safe_torch_load(self.resume_from), required)
+        own = self.resume_from == self.out / "checkpoint-latest.pth"  # a run-folder file: no link followed
+        return self._check_state(safe_torch_load(self.resume_from, root=self.out if own else None), required)
 
     def _check_state(self, state, required) -> dict:
         if not isinstance(state, dict):
@@ -584,6 +584,15 @@ def prepare_run(cfg, output_dir: str | Path, resume: str | None, task: str = "ru
     return Run(output_dir, task, ident, cfg.pretty_text, resume=resume, device=device)
 
 
+class _NoFollowFileHandler(logging.FileHandler):
+    """``logging.FileHandler`` whose file is opened for append through :func:`crossmae.safeio.open_in_dir`
+    (``O_NOFOLLOW``): a planted ``log.txt`` symlink is refused, its target never appended to."""
+
+    def _open(self):
+        fd = open_in_dir(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+
 def get_logger(out: Path, name: str) -> logging.Logger:
     """A logger writing to stderr and ``<out>/log.txt``; other DDP ranks only log warnings, no file."""
     log = logging.getLogger(f"transfer.{name}.{out}")
@@ -597,7 +606,7 @@ def get_logger(out: Path, name: str) -> logging.Logger:
     sh.setFormatter(fmt)
     log.addHandler(sh)
     if is_main_process():
-        fh = logging.FileHandler(out / "log.txt")
+        fh = _NoFollowFileHandler(out / "log.txt")
         fh.setFormatter(fmt)
         log.addHandler(fh)
     return log
@@ -621,7 +630,7 @@ def tb_writer(out: Path):
     if not is_main_process():
         return None
     from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
+    return SummaryWriter(log_dir=str(real_dir(out / TENSORBOARD_DIR, "TensorBoard folder", create=True)))
 
 
 def report_dict(report) -> dict:

@@ -56,25 +56,10 @@ def cli_entry(main: Callable[..., Any]) -> Callable[..., Any]:
 # atomic writes
 # --------------------------------------------------------------------------------------------------
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Every atomic write of the suite: :func:`crossmae.safeio.atomic_write` (temporary file created
+    ``O_EXCL | O_NOFOLLOW`` in the real folder, then renamed; a symlink is refused, never followed)."""
+    from .safeio import atomic_write
+    return atomic_write(path, write, binary)
 
 
 def check_writable(path: str | os.PathLike, what: str, *, folder: bool) -> Path:
@@ -93,6 +78,15 @@ def check_writable(path: str | os.PathLike, what: str, *, folder: bool) -> Path:
             under a file, or is not writable.
     """
     path = Path(path).expanduser()
+    if os.path.islink(path):  # a planted link (or a loop) would redirect every write of the run
+        raise UserError(f"{path}: {what} is a symlink; refused (give the real folder or file)")
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # the checks below name the file it lies under
+    except OSError as exc:  # ENAMETOOLONG, ELOOP in a parent, EACCES
+        from .safeio import oserror_line
+        raise oserror_line(path, exc, what) from None
     if folder and path.exists() and not path.is_dir():
         raise UserError(f"{path}: {what} exists and is not a folder")
     if not folder and path.is_dir():
@@ -148,11 +142,23 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (used to key caches and to identify checkpoints in results)."""
+    """Hex SHA-256 of a file's bytes (used to key caches and to identify checkpoints in results).
+
+    Raises:
+        UserError: not a regular file (a FIFO or device is refused, never waited on).
+        OSError: the file cannot be opened."""
+    import stat
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never waits on a FIFO
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{path}: not a regular file; refused")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            for block in iter(lambda: f.read(chunk), b""):
+                h.update(block)
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 
@@ -238,6 +244,12 @@ def load_config(config: str | os.PathLike, cfg_options: Iterable[str] | None = N
         cfg = Config.fromfile(str(path))
     except Exception as exc:  # mmengine raises several types for syntax / import errors
         raise UserError(f"{path}: cannot parse config: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if preset_dir is not None:
+        missing = [k for k in required_config_keys(preset_dir) if k not in cfg]
+        if missing:
+            raise UserError(f"{path}: config lacks {', '.join(missing[:6])}"
+                            f"{f' (+{len(missing) - 6} more)' if len(missing) > 6 else ''}, which every preset of "
+                            f"{Path(preset_dir).name} defines (empty, or a config of another command?)")
     overrides = parse_cfg_options(cfg_options)
     as_dict = cfg.to_dict()
     check_run_vocabulary(path, as_dict)
@@ -253,6 +265,29 @@ def load_config(config: str | os.PathLike, cfg_options: Iterable[str] | None = N
         cfg.merge_from_dict(overrides)
     check_config_values(path, cfg.to_dict())
     return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_keys(preset_dir: str) -> tuple[str, ...]:
+    from mmengine.config import Config
+    common: set[str] | None = None
+    for p in sorted(Path(preset_dir).glob("*.py")):
+        if p.stem.startswith("_"):
+            continue
+        try:
+            keys = set(Config.fromfile(str(p)).keys())
+        except Exception:  # a broken preset is reported when it is the one loaded
+            continue
+        common = keys if common is None else common & keys
+    return tuple(sorted(common or ()))
+
+
+def required_config_keys(preset_dir: str | os.PathLike) -> tuple[str, ...]:
+    """The top-level keys every preset of a command defines (``configs/<command>/*.py`` except
+    ``_*.py``): what a ``--config`` file of that command must define too (checked by
+    :func:`load_config`, so an empty config or one of another command is one line, not an
+    ``AttributeError`` deep in the command). Cached per folder."""
+    return _preset_keys(str(Path(preset_dir).resolve()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -477,21 +512,52 @@ def seed_worker(worker_id: int) -> None:
 SAFE_GLOBALS = [argparse.Namespace]
 
 
-def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True``, allow-listing only :data:`SAFE_GLOBALS`.
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    root: str | os.PathLike | None = None) -> Any:
+    """``torch.load`` with ``weights_only=True``, allow-listing only :data:`SAFE_GLOBALS`
+    (:func:`safe_torch_load_hashed` without the digest)."""
+    return safe_torch_load_hashed(path, map_location, root=root)[0]
+
+
+def safe_torch_load_hashed(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                           root: str | os.PathLike | None = None,
+                           verify: Callable[[Path, str], None] | None = None) -> tuple[Any, str]:
+    """``(object, sha256)``: ``torch.load`` (``weights_only=True``, only :data:`SAFE_GLOBALS`) of the
+    bytes of ``path`` read once, the SHA-256 computed from exactly those bytes while they are read
+    (no second pass that a swapped file could answer differently).
+
+    The file is read as a regular file (:func:`crossmae.safeio.read_regular`: never a FIFO or a
+    device). ``path`` given by the user may be a symlink (it is resolved first); with ``root`` (a file
+    of a run folder, e.g. ``checkpoint-latest.pth``) a symlink or a file outside ``root`` is refused.
+    ``verify(path, sha256)`` (e.g. :func:`crossmae.zoo.check_loaded_sha256`) runs before anything is
+    unpickled. Memory: the file's bytes are held while torch builds the tensors (peak about twice
+    the file).
 
     Raises:
-        UserError: missing file, empty/truncated file, or a pickle that needs other globals
-            (a pickle that would run code is refused, never executed).
+        UserError: missing file, not a regular file, empty/truncated file, or a pickle that needs other
+            globals (a pickle that would run code is refused, never executed).
     """
+    import io
+    from .safeio import read_hashed
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint file not found")
-    if path.stat().st_size == 0:
+    if root is None and os.path.islink(path):
+        path = path.resolve()
+    if path.is_dir():
+        raise UserError(f"{path}: checkpoint file not found (a folder)")
+    try:
+        if root is not None:
+            from .safeio import check_inside
+            check_inside(path, root)
+        data, sha = read_hashed(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint file not found") from None
+    if not data:
         raise UserError(f"{path}: checkpoint file is empty")
+    if verify is not None:
+        verify(path, sha)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True), sha
     except pickle_errors() as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "Unsupported global" in str(exc) or "weights_only" in str(exc):

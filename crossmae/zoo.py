@@ -243,7 +243,20 @@ def _url_remote(spec: str, url: str, entry: ZooEntry | None = None) -> _Remote:
 
 
 def _remotes(spec: str) -> list[_Remote]:
-    """The candidate remote files for ``spec`` (several only for ``timm:`` without a hub file name)."""
+    """The candidate remote files for ``spec`` (several only for ``timm:`` without a hub file name).
+
+    Raises:
+        UserError: the value does not parse (an unknown name, a port out of range, a broken IPv6
+            host: ``urllib``'s ``ValueError`` becomes the one line).
+    """
+    try:
+        return _parse_remotes(spec)
+    except ValueError as exc:
+        raise UserError(f"--backbone {spec}: not a valid URI ({str(exc).splitlines()[0] if str(exc) else 'ValueError'})") \
+            from None
+
+
+def _parse_remotes(spec: str) -> list[_Remote]:
     if spec.startswith("zoo:"):
         entry = REGISTRY.get(spec[4:])
         if entry is None:
@@ -390,20 +403,29 @@ def _pin_path(path: Path) -> Path:
 
 
 def _read_pin(path: Path) -> dict | None:
-    import json
+    """The pin of a cached file (:func:`crossmae.safeio.load_json`, kind ``pin``), None when absent.
+
+    Raises:
+        UserError: the pin is not a regular file (a folder, a symlink, a FIFO) or not of the pin's
+            shape (one line: delete it to pin the file again).
+    """
+    from .safeio import load_json
     p = _pin_path(path)
-    if not p.is_file():
-        return None
     try:
-        pin = json.loads(p.read_text())
-        return pin if isinstance(pin, dict) and isinstance(pin.get("sha256"), str) else None
-    except (OSError, ValueError):
-        return None
+        pin = load_json(p, "pin", missing_ok=True)
+    except UserError as exc:
+        raise UserError(f"{exc} (cache pin; delete it to pin the cached file again)") from None
+    if pin is not None and not re.fullmatch(r"[0-9a-f]{64}", pin["sha256"]):
+        raise UserError(f"{p}: pin's sha256 {pin['sha256'][:70]!r} is not a hex SHA-256; refused (delete it to "
+                        f"pin the cached file again)")
+    return pin
 
 
 def known_sha256(path: str | os.PathLike) -> str | None:
-    """The pinned SHA-256 of a cached file when its size and mtime still match the pin, else None
-    (lets the load report skip re-hashing a multi-GB file)."""
+    """The pinned SHA-256 of a cached file when its size and mtime still match the pin, else None.
+
+    Informational only: a pin is never what goes into a result; results carry the SHA-256 of the
+    bytes that were loaded (:func:`check_loaded_sha256`)."""
     path = Path(path)
     pin = _read_pin(path)
     try:
@@ -413,6 +435,24 @@ def known_sha256(path: str | os.PathLike) -> str | None:
     if pin and pin.get("size") == st.st_size and pin.get("mtime_ns") == st.st_mtime_ns:
         return pin["sha256"]
     return None
+
+
+def check_loaded_sha256(path: str | os.PathLike, sha: str) -> None:
+    """Refuse the bytes just loaded from ``path`` when ``path`` is a cached download whose pin names
+    another SHA-256 (a same-size edit with its mtime restored, or a forged pin). ``sha``: the hex
+    SHA-256 computed while the bytes were read (:func:`crossmae.safeio.read_hashed`).
+
+    Raises:
+        UserError: one line naming the file, both digests and how to recover.
+    """
+    path = Path(path)
+    if not os.path.lexists(_pin_path(path)):
+        return
+    pin = _read_pin(path)
+    if pin is not None and pin["sha256"] != sha:
+        raise UserError(f"{path}: refused: the sha256 of the bytes loaded, {sha[:12]}…, differs from the "
+                        f"{pin['sha256'][:12]}… pinned for this cached file (edited on disk, or a forged pin); "
+                        f"delete both to download it again")
 
 
 def _write_pin(r: _Remote, path: Path, sha: str, extra: dict | None = None) -> None:
@@ -493,10 +533,29 @@ def _is_safetensors(r: _Remote) -> bool:
     return r.cache_path.name.endswith(".safetensors")
 
 
+def _cache_dir(r: _Remote) -> Path:
+    """The cache folder of ``r``, created: a real folder (not a symlink) that can be written.
+
+    Raises:
+        UserError: the cache root is a file, lies under a file, is not writable, or a folder on the
+            way is a symlink (one line naming it and ``$CROSSMAE_CACHE``).
+    """
+    from .safeio import real_dir
+    try:
+        return real_dir(r.cache_path.parent, f"download cache folder (${CACHE_ENV})", create=True)
+    except UserError as exc:
+        raise UserError(f"{exc}; set ${CACHE_ENV} to a writable folder") from None
+
+
 def _download(r: _Remote) -> Path:
     """Fetch ``r`` into a hidden temporary folder beside its cache path, check it, move it in place."""
-    r.cache_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{r.cache_path.name}.", suffix=".download", dir=r.cache_path.parent))
+    folder = _cache_dir(r)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{r.cache_path.name}.", suffix=".download", dir=folder))
+    except OSError as exc:
+        from .safeio import oserror_line
+        raise UserError(f"{oserror_line(folder, exc, 'download cache folder cannot be written')}; set "
+                        f"${CACHE_ENV} to a writable folder") from None
     try:
         if r.kind == "hf":
             tmp, hub_sha, extra = _fetch_hf(r, staging)
@@ -509,6 +568,9 @@ def _download(r: _Remote) -> Path:
         _check_readable(tmp, label, _is_safetensors(r))
         if r.entry is not None and r.entry.md5_prefix:
             extra["md5"] = _md5(tmp)
+        if os.path.lexists(r.cache_path) and not os.path.islink(r.cache_path) and not r.cache_path.is_file():
+            raise UserError(f"{r.cache_path}: cache path exists and is not a regular file (a folder?); refused; "
+                            f"remove it to download {r.url}")
         os.replace(tmp, r.cache_path)
         _write_pin(r, r.cache_path, sha, extra)
         return r.cache_path

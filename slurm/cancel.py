@@ -28,11 +28,16 @@ from pathlib import Path
 
 from crossmae.utils import UserError, cli_entry
 
-from .status import _SLURM_PENDING, _SLURM_RUNNING, SlurmView, _pid_alive, _slurm_state, collect
-from .tasks import METRICS_JSON, STATE_JSON, read_json, write_state
+from crossmae.safeio import is_regular
+
+from .status import _SLURM_PENDING, _SLURM_RUNNING, SlurmView, _slurm_state, _task_alive, collect
+from .tasks import METRICS_JSON, STATE_JSON, own_process, read_json, write_state
 
 #: what :func:`cancel` reports for a task that finished (metrics.json written) before the kill took effect
 FINISHED = "done (finished before the cancel took effect)"
+#: what :func:`cancel` reports (prefix) for a local task whose recorded process cannot be proved to be
+#: the task's own (bad pid, other host, start time / command line differ): nothing is signalled
+NOT_SIGNALLED = "not signalled"
 
 
 def _ended(r) -> bool:
@@ -42,7 +47,7 @@ def _ended(r) -> bool:
         return _slurm_state(r.job_id, SlurmView.query([r.job_id])) not in _SLURM_PENDING | _SLURM_RUNNING
     st = read_json(Path(r.dir) / STATE_JSON)
     if r.executor == "local" and st.get("host") == socket.gethostname():
-        return not any(_pid_alive(st.get(k)) for k in ("pid", "ppid") if st.get(k))
+        return not any(_task_alive(st, k) for k in ("pid", "ppid") if st.get(k))
     return True
 
 
@@ -56,7 +61,11 @@ def cancel(root: str | os.PathLike, patterns: list[str] | None = None, dry_run: 
     Returns:
         task id → ``"cancelled"``; :data:`FINISHED` when metrics.json was written before the job
         stopped (``task_state.json`` says ``done`` again); ``"cancelling"`` when the job had not
-        stopped after ``timeout_s``; with ``dry_run`` the task's current state (nothing is done).
+        stopped after ``timeout_s``; ``"not signalled: <why>"`` (:data:`NOT_SIGNALLED`) for a local task
+        whose recorded controller process is not provably its own (:func:`slurm.tasks.own_process`:
+        positive pid, this host, recorded start time and command line match the live process): its
+        state is left as it was and nothing is signalled; with ``dry_run`` the task's current state
+        (nothing is done).
 
     Raises:
         UserError: ``root`` missing, ``timeout_s`` not a positive number, or ``scancel`` refused a
@@ -68,6 +77,7 @@ def cancel(root: str | os.PathLike, patterns: list[str] | None = None, dry_run: 
             and (not patterns or any(fnmatch.fnmatch(r.id, p) for p in patterns))]
     if dry_run:
         return {r.id: r.state for r in rows}
+    refused: dict[str, str] = {}
     for r in rows:
         d = Path(r.dir)
         before = read_json(d / STATE_JSON).get("state")
@@ -80,21 +90,30 @@ def cancel(root: str | os.PathLike, patterns: list[str] | None = None, dry_run: 
                 raise UserError(f"scancel {r.job_id} ({r.id}) failed: {p.stderr.strip()[:200]}")
         elif r.executor in ("local", "debug"):
             st = read_json(d / STATE_JSON)
-            if st.get("host") == socket.gethostname() and st.get("ppid"):
-                try:
-                    os.kill(int(st["ppid"]), signal.SIGINT)  # the submitit local controller
-                except ProcessLookupError:
-                    pass
+            # local: the submitit controller (the task's parent); debug: the task runs inside the
+            # submitting process itself, whose parent is the user's shell: never signal that
+            key = "ppid" if r.executor == "local" else "pid"
+            pid, why = own_process(st, key)  # only a process provably the task's own is signalled
+            if pid is None:
+                if st.get(key) is not None or st.get("state") == "running":
+                    write_state(d, state=before, cancelled_at=None)
+                    refused[r.id] = f"{NOT_SIGNALLED}: {why}"
+                continue
+            try:
+                os.kill(pid, signal.SIGINT)  # the submitit local controller
+            except ProcessLookupError:
+                pass
+    rows = [r for r in rows if r.id not in refused]
     waiting, end = list(rows), time.monotonic() + timeout_s
     while waiting:
         waiting = [r for r in waiting if not _ended(r)]
         if not waiting or time.monotonic() > end:
             break
         time.sleep(0.5)
-    out = {}
+    out = dict(refused)
     for r in rows:
         d = Path(r.dir)
-        if (d / METRICS_JSON).is_file():  # the task won the race: its result is complete (written atomically)
+        if is_regular(d / METRICS_JSON):  # the task won the race: its result is complete (written atomically)
             write_state(d, state="done", cancelled_at=None)
             out[r.id] = FINISHED
         else:
@@ -122,6 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         return res
     groups = {"cancelled": "cancelled", FINISHED: "finished before the cancel took effect (kept as done)",
               "cancelling": f"still stopping after {args.timeout:g} s (see python -m slurm.status)"}
+    for i, v in res.items():
+        if v.startswith(NOT_SIGNALLED):
+            print(f"warning: {i}: {v}; nothing done", file=sys.stderr)
     ids = {k: [i for i, v in res.items() if v == k] for k in groups}
     print(f"cancelled {len(ids['cancelled'])} task(s)" + "".join(f"\n  {i}" for i in ids["cancelled"]))
     for k in (FINISHED, "cancelling"):

@@ -28,7 +28,9 @@ from pathlib import Path
 
 from crossmae.utils import UserError, cli_entry
 
-from .tasks import METRICS_JSON, STATE_JSON, TASK_JSON, read_json
+from crossmae.safeio import is_regular, read_regular
+
+from .tasks import METRICS_JSON, STATE_JSON, TASK_JSON, own_process, read_json
 
 STATES = ("pending", "running", "done", "failed", "cancelled")
 _SLURM_FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -154,17 +156,34 @@ def _in_range(idx: str, spec: str) -> bool:
 
 
 def _pid_alive(pid) -> bool:
+    """Whether a process with this (positive integer) id exists; never probes ``-1`` / ``0``."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
         return True
-    except (OSError, TypeError, ValueError):
+    except PermissionError:
+        return True
+    except OSError:
         return False
 
 
-def _last_error_line(log: str | None) -> str | None:
-    if not log or not Path(log).is_file():
+def _task_alive(st: dict, key: str) -> bool:
+    """Whether the task's recorded ``pid`` / ``ppid`` still runs: the identity recorded with it
+    (:func:`slurm.tasks.own_process`) when there is one, else a live process with that id."""
+    if isinstance(st.get("proc"), dict) and isinstance(st["proc"].get(key), dict):
+        return own_process(st, key)[0] is not None
+    return _pid_alive(st.get(key))
+
+
+def _last_error_line(log: str | None, root: str | os.PathLike | None = None) -> str | None:
+    if not isinstance(log, str) or not log or not Path(log).is_file():
         return None
-    lines = [ln.strip() for ln in Path(log).read_text(errors="replace").splitlines() if ln.strip()]
+    try:  # a regular file (inside root when given) only: never a FIFO, never a file linked from elsewhere
+        text = read_regular(log, root).decode(errors="replace")
+    except (OSError, UserError):
+        return None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
         if "Error" in ln or "error" in ln or "CANCELLED" in ln:
             return ln[:300]
@@ -172,19 +191,20 @@ def _last_error_line(log: str | None) -> str | None:
 
 
 def task_status(d: str | os.PathLike, sacct: "SlurmView | dict[str, str] | None" = None,
-                tid: str | None = None) -> TaskStatus:
+                tid: str | None = None, root: str | os.PathLike | None = None) -> TaskStatus:
     """The state of the task in folder ``d`` (see the module doc). ``sacct``: a prefetched
     :class:`SlurmView` (or a bare :func:`sacct_states` map); queried here when None and the task
-    ran on Slurm."""
+    ran on Slurm. ``root``: the output folder; the task's log is read only when it lies inside it."""
     d = Path(d)
     task = read_json(d / TASK_JSON)
     st = read_json(d / STATE_JSON)
     tid = tid or task.get("spec", {}).get("id") or d.name
+    tid = tid if isinstance(tid, str) else d.name
     job_id = st.get("job_id") or task.get("job_id")
     log = st.get("log") or task.get("stderr")
     ts = TaskStatus(id=tid, dir=str(d), state="pending", job_id=job_id, executor=task.get("executor"), log=log,
                     attempts=int(st.get("attempts", 0)))
-    if (d / METRICS_JSON).is_file():
+    if is_regular(d / METRICS_JSON):  # a symlink or FIFO named metrics.json is no result
         ts.state = "done"
         return ts
     state = st.get("state")
@@ -207,7 +227,7 @@ def task_status(d: str | os.PathLike, sacct: "SlurmView | dict[str, str] | None"
         elif sl == "CANCELLED":
             ts.state = "cancelled"
         elif sl in _SLURM_FAILED:
-            ts.state, ts.error = "failed", f"slurm state {sl}: {_last_error_line(log) or 'no log line'}"
+            ts.state, ts.error = "failed", f"slurm state {sl}: {_last_error_line(log, root) or 'no log line'}"
         elif sl == "COMPLETED":
             ts.state, ts.error = "failed", "job completed without writing metrics.json"
         else:  # not in sacct (yet): trust the task's own state
@@ -217,7 +237,7 @@ def task_status(d: str | os.PathLike, sacct: "SlurmView | dict[str, str] | None"
     if ts.executor in ("local", "debug"):
         if state == "running":
             here = st.get("host") == socket.gethostname()
-            if not here or _pid_alive(st.get("pid")):
+            if not here or _task_alive(st, "pid"):
                 ts.state, ts.active = "running", True
             else:
                 ts.state, ts.error = "failed", f"process {st.get('pid')} ended without metrics.json (killed?)"
@@ -225,7 +245,7 @@ def task_status(d: str | os.PathLike, sacct: "SlurmView | dict[str, str] | None"
             ts.state, ts.active = "pending", True
         else:
             ppid = st.get("ppid")
-            ts.active = bool(ppid and _pid_alive(ppid))
+            ts.active = bool(ppid and _task_alive(st, "ppid"))
     return ts
 
 
@@ -245,14 +265,18 @@ def collect(root: str | os.PathLike) -> list[TaskStatus]:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: output folder does not exist")
-    dirs = find_tasks(root)
-    jobs = []
-    for d in dirs:
-        t = read_json(d / TASK_JSON)
+    jobs, dirs = [], []
+    for d in find_tasks(root):
+        try:  # a task whose files are not the suite's own shape (or not regular files) is skipped
+            t, st = read_json(d / TASK_JSON), read_json(d / STATE_JSON)
+        except UserError as exc:
+            print(f"warning: {' '.join(str(exc).split())}; task skipped", file=sys.stderr)
+            continue
+        dirs.append(d)
         if t.get("executor") == "slurm":
-            jobs.append(read_json(d / STATE_JSON).get("job_id") or t.get("job_id"))
+            jobs.append(st.get("job_id") or t.get("job_id"))
     states = SlurmView.query([j for j in jobs if j])
-    return [task_status(d, states, tid=str(d.relative_to(root))) for d in dirs]
+    return [task_status(d, states, tid=str(d.relative_to(root)), root=root) for d in dirs]
 
 
 def format_table(rows: list[TaskStatus]) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import re
 import sys
 import time
@@ -40,7 +41,7 @@ from crossmae.utils import REPO_ROOT, UserError, atomic_write_json, cli_entry, r
 from crossmae.utils import check_writable
 
 from .executor import EXECUTORS, ClusterOptions, check_int, make_executor, resolve_executor
-from .tasks import METRICS_JSON, PRETRAIN_PREFIX, STATE_JSON, TASK_JSON, TaskRunner, TaskSpec, read_json, run_leaderboard, write_state
+from .tasks import METRICS_JSON, PRETRAIN_PREFIX, STATE_JSON, SUITE_JSON, TASK_JSON, nested_suite, TaskRunner, TaskSpec, read_json, run_leaderboard, write_state
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -82,17 +83,26 @@ def parse_kv(values: list[str] | None, option: str) -> dict[str, str]:
     return out
 
 
-def _check_config(td: TaskDef, config: str, option: str) -> None:
+def _check_config(td: TaskDef, config: str, option: str, cfg_options: list[str] | None = None,
+                  _seen: set | None = None) -> None:
     """The preset exists (``configs/<dir>/<preset>.py``) or the path exists, when the module has a
-    configs folder. Raises UserError otherwise."""
+    configs folder, and it loads with ``cfg_options`` applied exactly as the task will load it
+    (:func:`crossmae.utils.load_config`: known keys, types, ranges, the command's required keys), so
+    ``--dry-run`` and a real submission refuse the same things before any job starts.
+    Raises UserError otherwise."""
     if "/" in config or config.endswith(".py"):
         if not Path(config).is_file():
             raise UserError(f"{option} {config}: config file not found")
-        return
     d = REPO_ROOT / "configs" / td.config_dir
-    if d.is_dir() and not (d / f"{config}.py").is_file():
+    if not ("/" in config or config.endswith(".py")) and d.is_dir() and not (d / f"{config}.py").is_file():
         known = ", ".join(sorted(p.stem for p in d.glob("*.py") if not p.stem.startswith("_")))
         raise UserError(f"{option} {config}: no preset configs/{td.config_dir}/{config}.py (presets: {known})")
+    key = (td.config_dir, config, tuple(cfg_options or ()))
+    if d.is_dir() and (_seen is None or key not in _seen):
+        from crossmae.utils import load_config
+        load_config(config, list(cfg_options or []), d)
+        if _seen is not None:
+            _seen.add(key)
 
 
 def checkpoint_arch(path: str | Path) -> str | None:
@@ -202,6 +212,11 @@ def plan(suite: Suite, out: Path, *, backbones: dict[str, str] | None = None, pr
         UserError: no backbone at all, a missing checkpoint, a name used twice, a bad preset, bad seeds.
     """
     backbones, pretrains = dict(backbones or {}), dict(pretrains or {})
+    if arch is not None:
+        from crossmae.models import ARCHS
+        if arch not in ARCHS:
+            raise UserError(f"--arch {arch}: unknown architecture (known: {', '.join(sorted(ARCHS))})")
+    seen: set = set()
     if not backbones and not pretrains:
         raise UserError("--backbone/--pretrain: give at least one backbone (NAME=CKPT) or pretraining config")
     if set(backbones) & set(pretrains):
@@ -230,7 +245,7 @@ def plan(suite: Suite, out: Path, *, backbones: dict[str, str] | None = None, pr
     for name, config in pretrains.items():
         td = suite.pretrain
         a = arch or suite.default_arch
-        _check_config(td, config, "--pretrain")
+        _check_config(td, config, "--pretrain", pretrain_cfg_options, seen)
         res = task_resources(td, a, config, pretrain_resources or {}, None, option="--pretrain-resources")
         d = out / "pretrain" / name
         specs.append(TaskSpec(id=f"pretrain/{name}", suite=suite.name, task="pretrain", protocol=td.protocol,
@@ -242,7 +257,7 @@ def plan(suite: Suite, out: Path, *, backbones: dict[str, str] | None = None, pr
     for td in chosen:
         for name, (bb, a, deps) in sources.items():
             config = td.config_for(a)
-            _check_config(td, config, f"--suite {suite.name} (task {td.name})")
+            _check_config(td, config, f"--suite {suite.name} (task {td.name})", cfg_options, seen)
             res = task_resources(td, a, config, common, per_task.get(td.name))
             for seed in seeds:
                 tid = f"{name}/{td.name}-{config}/seed{int(seed)}"
@@ -364,8 +379,15 @@ def dispatch(specs: list[TaskSpec], out: Path, executor: str = "auto", opts: Clu
     opts = opts or ClusterOptions()
     kind = resolve_executor(executor)
     out = Path(out).resolve()
+    why = nested_suite(out)
+    if why:
+        raise UserError(f"{out}: --output-dir {why}; give every suite its own folder")
     todo, skipped = _triage(specs, force)  # may refuse (UserError) before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    from crossmae.safeio import real_dir
+    real_dir(out, "--output-dir", create=True)
+    real_dir(out / "jobs", "job folder", create=True)  # submitit writes the job logs there: never through a link
+    if not os.path.lexists(out / SUITE_JSON):
+        atomic_write_json({"suite": specs[0].suite if specs else None, "created_at": time.time()}, out / SUITE_JSON)
     folder = out / "jobs"
     say = progress or (lambda *_: None)
     sub = Submission(executor=kind, out=out, specs=specs, skipped=skipped)
@@ -633,6 +655,9 @@ def main(argv: list[str] | None = None) -> dict:
     "skipped", "results"}``."""
     args = build_parser().parse_args(argv)
     check_writable(args.output_dir, "--output-dir", folder=True)  # before any work
+    why = nested_suite(args.output_dir)
+    if why:  # checked by --dry-run too
+        raise UserError(f"{args.output_dir}: --output-dir {why}; give every suite its own folder")
     options_from_args(args, "local")  # numeric options checked before anything else (nothing written)
     suite = get_suite(args.suite)
     specs = specs_from_args(args, suite)

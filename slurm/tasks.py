@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 import socket
 import time
@@ -35,6 +34,9 @@ TASK_JSON = "task.json"
 STATE_JSON = "task_state.json"
 METRICS_JSON = "metrics.json"
 PRETRAIN_PREFIX = "pretrain:"
+#: The marker of a suite's output root (written by ``slurm.submit``): another suite is never launched
+#: inside it, nor around it, and the leaderboard of one suite never collects another's results.
+SUITE_JSON = "suite.json"
 
 
 @dataclass
@@ -124,15 +126,87 @@ def resolve_backbone(backbone: str) -> Path | str:
     raise UserError(f"{d}: finished pretraining has no checkpoint file")
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    """A JSON file as a dict; ``{}`` when absent. Raises UserError when unreadable."""
+#: The schema (:data:`crossmae.safeio.SCHEMAS`) of each suite file read back by name.
+JSON_KINDS = {TASK_JSON: "task", STATE_JSON: "task_state", METRICS_JSON: "metrics"}
+
+
+def read_json(path: str | os.PathLike, kind: str | None = None) -> dict:
+    """One of the suite's JSON files as a dict; ``{}`` when absent.
+
+    Read through :func:`crossmae.safeio.load_json`: only a regular file (never a symlink, FIFO or
+    device), of the shape of its kind (``kind``, else by file name: :data:`JSON_KINDS`; other files
+    need only be a JSON object).
+
+    Raises:
+        UserError: one line naming the file and the problem (not JSON, nested too deep, a list where
+            an object is expected, a field of the wrong type, a symlink or non-regular file).
+    """
+    from crossmae.safeio import load_json
     path = Path(path)
-    if not path.is_file():
-        return {}
+    return load_json(path, kind or JSON_KINDS.get(path.name, "object"), missing_ok=True) or {}
+
+
+def nested_suite(out: str | os.PathLike, depth: int = 4) -> str | None:
+    """Why a suite may not use ``out`` as its root, or None: a folder above it is a suite root
+    (:data:`SUITE_JSON`) or a task's folder (``task.json``), or a folder below it (down to ``depth``
+    levels: a suite's task folders are 3 deep) is another suite's root."""
+    out = Path(out).resolve()
+    for a in out.parents:
+        for marker, what in ((SUITE_JSON, "another suite's output folder"), (TASK_JSON, "a task's folder")):
+            if os.path.lexists(a / marker):
+                return f"lies inside {a}, {what} ({a / marker})"
+    if not out.is_dir():
+        return None
+    for cur, dirs, files in os.walk(out):
+        rel = Path(cur).relative_to(out)
+        if rel.parts and SUITE_JSON in files:
+            return f"holds another suite's output folder {cur} ({SUITE_JSON})"
+        if len(rel.parts) >= depth or TASK_JSON in files:
+            dirs[:] = []
+        else:
+            dirs[:] = [d for d in dirs if not (rel == Path(".") and d == "jobs")]
+    return None
+
+
+def process_identity(pid: int) -> dict | None:
+    """What identifies a live process beyond its (reusable) id: ``{"pid", "start_ticks", "cmdline_sha256"}``
+    with ``start_ticks`` field 22 of ``/proc/<pid>/stat`` (start time since boot, clock ticks) and the
+    SHA-256 of ``/proc/<pid>/cmdline``. None when the process does not exist (or no ``/proc``).
+
+    Source: proc(5), ``/proc/[pid]/stat`` field (22) ``starttime``.
+    """
+    import hashlib
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})")
+        stat_line = Path(f"/proc/{pid}/stat").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        fields = stat_line[stat_line.rindex(b")") + 2:].split()  # comm may hold spaces and parentheses
+        return {"pid": pid, "start_ticks": int(fields[22 - 3]),
+                "cmdline_sha256": hashlib.sha256(cmdline).hexdigest()}
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def own_process(state: dict, key: str) -> tuple[int | None, str]:
+    """``(pid, "")`` when ``state[key]`` (``"pid"`` or ``"ppid"`` of a ``task_state.json``) names a live
+    process provably the task's own: a positive integer, recorded on this host, whose recorded
+    identity (``state["proc"][key]``, :func:`process_identity`) matches the live process's start time
+    and command line. Else ``(None, why)``; nothing may then be signalled."""
+    pid = state.get(key)
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1:
+        return None, f"{key} {pid!r} is not a process id of a task"
+    if state.get("host") != socket.gethostname():
+        return None, f"{key} {pid} was recorded on host {state.get('host')!r}, not this one"
+    rec = (state.get("proc") or {}).get(key)
+    if not isinstance(rec, dict) or rec.get("pid") != pid:
+        return None, f"no recorded identity for {key} {pid} (start time and command line)"
+    live = process_identity(pid)
+    if live is None:
+        return None, f"process {pid} is not running"
+    if live["start_ticks"] != rec.get("start_ticks") or live["cmdline_sha256"] != rec.get("cmdline_sha256"):
+        return None, f"process {pid} is not the task's (start time or command line differ from the recorded ones)"
+    return pid, ""
 
 
 def write_state(spec_dir: Path, **fields) -> dict:
@@ -200,6 +274,7 @@ class TaskRunner(submitit.helpers.Checkpointable):
         if rank == 0:
             write_state(out, state="running", attempts=int(prev.get("attempts", 0)) + 1, job_id=job_id,
                         log=log, host=socket.gethostname(), pid=os.getpid(), ppid=os.getppid(),
+                        proc={"pid": process_identity(os.getpid()), "ppid": process_identity(os.getppid())},
                         started_at=time.time(), error=None, traceback=None, layout=layout.as_metrics())
         try:
             import torch

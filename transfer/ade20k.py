@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 from crossmae import engine
 from crossmae.checkpoint import unwrap
-from crossmae.utils import (REPO_ROOT, UserError, atomic_write_json, cli_entry, config_hash,
+from crossmae.utils import (REPO_ROOT, UserError, atomic_write_bytes, atomic_write_json, cli_entry, config_hash,
                             resolve_data_root, seed_everything, seed_worker)
 from crossmae.runs import (Run, batch_layout, build_parser as _common_parser, code_version,
                            provenance, report_dict, resolve_config)
@@ -201,11 +200,7 @@ def evaluate(model: UperNet, dataset: SegTestDataset, cfg, class_names: list[str
     cm.all_reduce()
     rows = engine.gather_to_main(rows, key=lambda r: r[0])
     for _, name, png in engine.gather_to_main(overlays, key=lambda r: r[0]):
-        overlay_dir.mkdir(parents=True, exist_ok=True)
-        path = overlay_dir / name
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        tmp.write_bytes(png)
-        os.replace(tmp, path)
+        atomic_write_bytes(png, overlay_dir / name)  # through crossmae.safeio: no planted link followed
     res = cm.compute()
     res["per_image"] = {"format": "segmentation/v1", "num_classes": int(cfg.model.num_classes),
                         "images": [r[1] for r in rows], "intersect": [r[2] for r in rows],

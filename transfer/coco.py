@@ -32,7 +32,7 @@ from crossmae import engine
 from crossmae.checkpoint import unwrap
 from crossmae.utils import (REPO_ROOT, UserError, atomic_save, atomic_write_json, cli_entry,
                             config_hash, load_config, resolve_data_root,
-                            safe_torch_load, seed_everything, seed_worker, sha256_file)
+                            safe_torch_load_hashed, seed_everything, seed_worker)
 from crossmae.runs import Run, batch_layout, default_preset, provenance
 
 TASK = "coco"
@@ -88,14 +88,15 @@ def _amp(device: torch.device, tcfg: dict):
     return engine.autocast(device, dtype)
 
 
-def load_detector_weights(model: torch.nn.Module, path: str) -> None:
+def load_detector_weights(model: torch.nn.Module, path: str) -> str:
     """Load detector weights from ``model_final.pth`` (``{'model': sd}``), a training checkpoint or a
-    bare state dict, strictly.
+    bare state dict, strictly. Returns the hex SHA-256 of the bytes loaded (read once:
+    :func:`crossmae.utils.safe_torch_load_hashed`), the ``weights_sha256`` of ``metrics.json``.
 
     Raises:
         UserError: unreadable file, or keys / shapes that do not match this config's detector.
     """
-    obj = safe_torch_load(path)
+    obj, sha = safe_torch_load_hashed(path)
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path}: not a detector state dict")
@@ -105,6 +106,7 @@ def load_detector_weights(model: torch.nn.Module, path: str) -> None:
         first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:2]
         raise UserError(f"{path}: weights do not match the {unwrap(model).__class__.__name__} of this config: "
                         f"{' '.join(first)[:300]}")
+    return sha
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,14 +200,14 @@ def main(argv: list[str] | None = None) -> dict:
     from transfer.vitdet.model import build_model
     seed_everything(args.seed + layout.rank)
     mc = cfg.model.to_dict()
-    model, report = build_model(mc), None
+    model, report, weights_sha256 = build_model(mc), None, None
     if args.eval_only:
-        load_detector_weights(model, args.weights)
+        weights_sha256 = load_detector_weights(model, args.weights)
     elif args.backbone != "none":
         report = load_pretrained_backbone(model.backbone.net, args.backbone, mc["pretrain_img_size"], mc["arch"])
 
     job = Job(cfg, args.seed, args.backbone, args.weights, model, report, train_set, val_set, data_root,
-              per_device, accum)
+              per_device, accum, weights_sha256)
     with run.start():
         run.open_log(TASK)
         return evaluate_only(run, job) if args.eval_only else train(run, job)
@@ -225,6 +227,7 @@ class Job:
     data_root: Path
     per_device: int             # images per device per micro-batch (config train.batch_size)
     accum: int                  # micro-batches per optimizer step
+    weights_sha256: str | None = None   # --eval-only: SHA-256 of the bytes --weights was loaded from
 
 
 def _common_metrics(run: Run, job: Job) -> dict:
@@ -243,7 +246,7 @@ def evaluate_only(run: Run, job: Job) -> dict:
     metrics, per_cat = evaluate(model, job.val_set, run.device, job.cfg, run.out, "", run.log)
     return run.finish({**_common_metrics(run, job), "metrics": metrics, "per_category": per_cat,
                        "backbone": job.backbone, "backbone_sha256": None, "backbone_report": None,
-                       "weights": str(job.weights), "weights_sha256": sha256_file(job.weights), "iters": 0,
+                       "weights": str(job.weights), "weights_sha256": job.weights_sha256, "iters": 0,
                        "wall_time_s": round(time.time() - run.t_start, 2)})
 
 
