@@ -138,9 +138,9 @@ def test_bad_value_in_a_config_file_is_refused(tmp_path, data_root, capsys):
     _fails(pretrain.main, ["--config", str(cfg), "--data-root", str(data_root), "--output-dir", str(out)], capsys,
            f"{cfg}: config batch_size=0: expected an integer >= 1")
     assert not out.exists()
-    cfg.write_text(f"_base_ = ['{ADE}']\ntrain = dict(checkpoint_interval=5)\n")   # an old name in a file
+    cfg.write_text(f"_base_ = ['{PRE}']\nsave_freq = 5\n")   # an old name in a file
     _fails(pretrain.main, ["--config", str(cfg), "--data-root", str(data_root), "--output-dir", str(out)], capsys,
-           f"{cfg}: config train.checkpoint_interval was renamed: use train.checkpoint_period")
+           f"{cfg}: config save_freq was renamed: use checkpoint_period")
     cfg.write_text(f"_base_ = ['{FT}']\naug = dict(reprob=2.0)\n")
     with pytest.raises(UserError, match=r"mine\.py: config aug\.reprob=2\.0: expected a number in \[0, 1\]"):
         load_config(cfg)

@@ -76,10 +76,10 @@ def test_write_into_a_folder_that_is_a_symlink_is_refused(tmp_path):
     victim = _victim(tmp_path)
     out = tmp_path / "run"
     out.mkdir()
-    (out / "tb").symlink_to(victim.parent, target_is_directory=True)
-    with pytest.raises(UserError, match=r"tb: folder is a symlink"):
-        atomic_write_text("x", out / "tb" / "events.txt")
-    with pytest.raises(UserError, match=r"tb: TensorBoard folder is a symlink"):
+    (out / "tensorboard").symlink_to(victim.parent, target_is_directory=True)
+    with pytest.raises(UserError, match=r"tensorboard: folder is a symlink"):
+        atomic_write_text("x", out / "tensorboard" / "events.txt")
+    with pytest.raises(UserError, match=r"tensorboard: TensorBoard folder is a symlink"):
         tb_writer(out)
     assert sorted(p.name for p in victim.parent.iterdir()) == ["precious.txt"]
 
