@@ -6,7 +6,8 @@ the ViTDet pieces do not need its ``_C`` extension). detectron2's model is built
 LazyConfig ``projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py`` with the sizes shrunk (ViT
 64/4/4 at 128 px, window 4, 64-channel pyramid and heads; structure unchanged), its random weights
 are copied into ours by an explicit name map, and on real bundled COCO images we assert: equal
-pyramid features, RPN proposals, final boxes / scores / classes and pasted masks, equal LSJ outputs
+pyramid features, RPN proposals, final boxes / scores / classes and pasted masks (ranked lists
+compared rank by rank, near-ties as permutations: ``match_ranked``), equal LSJ outputs
 (pixels, boxes, polygons, masks) for fixed random draws, equal test-time resize, and equal training
 losses. Without the source tree every test here is skipped with the reason; CI never downloads it.
 """
