@@ -384,7 +384,7 @@ CONFIG_RULES: dict[str, _Rule] = {
     **_rules("kept_mask_ratio", _Rule(float, 0, 1, nullable=True)),
     **_rules("mask_ratio drop_path drop_path_rate dropout flip_prob reprob mixup_prob "
              "mixup_switch_prob smoothing holdout_fraction positive_fraction fg_iou_thresh bg_iou_thresh "
-             "iou_thresh nms_thresh score_thresh cat_max_ratio", _Rule(float, 0, 1)),
+             "iou_thresh nms_thresh score_thresh cat_max_ratio warmup_length", _Rule(float, 0, 1)),
     **_rules("blrs", _Rule(float, 0, lo_open=True, elementwise=True)),
     **_rules("betas", _Rule(float, 0, 1, elementwise=True)),
     **_rules("crop_size stride scale anchor_sizes box_conv_dims box_fc_dims mask_conv_dims pre_nms_topk "

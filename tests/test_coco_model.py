@@ -126,12 +126,49 @@ def test_param_groups_follow_detectron2():
 
 def test_lr_schedule_matches_reference_milestones():
     o = _cfg("paper_vit_base").optim.to_dict()
+    assert o["warmup_length"] == 250 / 184375
     assert lr_factor(0, o, 184375) == pytest.approx(0.001)
     assert lr_factor(125, o, 184375) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert lr_factor(249, o, 184375) == pytest.approx(0.001 + 0.999 * 249 / 250)
     assert lr_factor(250, o, 184375) == 1.0
     assert lr_factor(163888, o, 184375) == 1.0
     assert lr_factor(163889, o, 184375) == pytest.approx(0.1)
     assert lr_factor(177546, o, 184375) == pytest.approx(0.01)
+    assert lr_factor(184374, o, 184375) == pytest.approx(0.01)
+
+
+def test_huge_warmup_is_a_fraction_of_its_shorter_schedule():
+    """ViT-H keeps B's warmup fraction 250/184375 over 138,281 iterations (detectron2's H file):
+    the warmup lasts 250 * 138281 / 184375 = 187.4997 iterations, the factor at iteration ``it`` is
+    0.001 + 0.999 * it / 187.4997 up to it = 187 and the step schedule from it = 188 on."""
+    cfg = _cfg("paper_vit_huge")
+    o, n = cfg.optim.to_dict(), cfg.train.max_iter
+    assert n == 138281 and o["milestones"] == [122916, 133159]
+    w = 250 * 138281 / 184375
+    assert w == pytest.approx(187.4997, abs=1e-4)
+    for it in (0, 1, 100, 125, 187):
+        assert lr_factor(it, o, n) == pytest.approx(0.001 + 0.999 * it / w, rel=1e-12), it
+    assert lr_factor(187, o, n) == pytest.approx(0.997338, abs=1e-6)  # still warming up (B: 0.748252)
+    for it in (188, 189, 250, 122915):
+        assert lr_factor(it, o, n) == 1.0, it
+    assert lr_factor(122916, o, n) == pytest.approx(0.1)
+    assert lr_factor(133159, o, n) == pytest.approx(0.01)
+    assert lr_factor(n - 1, o, n) == pytest.approx(0.01)
+    # an explicit fraction: 0.1 of 1000 iterations, milestone at 500; 0 = no warmup
+    o = {"warmup_length": 0.1, "warmup_factor": 0.5, "milestones": [500], "gamma": 0.1}
+    assert [lr_factor(it, o, 1000) for it in (0, 50, 99, 100, 499, 500)] == pytest.approx(
+        [0.5, 0.75, 0.5 + 0.5 * 99 / 100, 1.0, 1.0, 0.1])
+    assert lr_factor(0, {**o, "warmup_length": 0.0}, 1000) == 1.0
+
+
+def test_warmup_length_is_validated(tmp_path):
+    """A warmup given in iterations (the old integer key) or outside [0, 1] is bad input."""
+    from crossmae.utils import UserError
+    for opt, match in (("optim.warmup_length=250", r"warmup_length.*\[0, 1\]"),
+                       ("optim.warmup_length=-0.1", r"warmup_length"),
+                       ("optim.warmup_iters=250", r"warmup_iters")):
+        with pytest.raises(UserError, match=match):
+            load_config("paper_vit_base", [opt], preset_dir=REPO_ROOT / "configs" / "coco")
 
 
 def test_training_iterations_reduce_loss(data_root, tiny_mae_official):

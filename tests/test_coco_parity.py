@@ -6,7 +6,8 @@ the ViTDet pieces do not need its ``_C`` extension). detectron2's model is built
 LazyConfig ``projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py`` with the sizes shrunk (ViT
 64/4/4 at 128 px, window 4, 64-channel pyramid and heads; structure unchanged), its random weights
 are copied into ours by an explicit name map, and on real bundled COCO images we assert: equal
-pyramid features, RPN proposals, final boxes / scores / classes and pasted masks, equal LSJ outputs
+pyramid features, RPN proposals, final boxes / scores / classes and pasted masks (ranked lists
+compared rank by rank, near-ties as permutations: ``match_ranked``), equal LSJ outputs
 (pixels, boxes, polygons, masks) for fixed random draws, equal test-time resize, and equal training
 losses. Without the source tree every test here is skipped with the reason; CI never downloads it.
 """
@@ -227,6 +228,83 @@ def _test_inputs(coco, n=3):
     return ours, theirs
 
 
+# Ranked outputs (RPN proposals by logit, detections by score) are compared rank by rank, except where
+# two neighbours' scores are closer than TIE. The same box's logit / score differs between the two
+# implementations by up to ~7e-7 (fp32 operation order: SDPA vs explicit attention, fused vs unfused
+# layers; the rounding depends on the CPU kernels torch dispatches to), so two proposals whose logits
+# are 4e-8 apart (val image 2, with torch 2.15's AVX512 and AVX2 kernels) come out in either order, and
+# so do detections of near-equal score (with ATEN_CPU_CAPABILITY=default). TIE is ~15x that noise and
+# far below the typical spacing of the ranked scores (~1.5e-3 for ~950 proposals over (-0.9, 0.7)).
+TIE = 1e-5
+
+
+def match_ranked(boxes, scores, ref_boxes, ref_scores, *, atol, cap, labels=None, ref_labels=None):
+    """Pair two ranked (decreasing score) box lists that should be equal up to fp32 noise.
+
+    Asserts: same length; both sorted; scores equal rank by rank within ``TIE``; every box equal
+    (``torch.allclose`` with ``atol`` px, same label) to the reference box of the same rank or, inside a
+    run of ranks whose neighbouring scores are closer than ``TIE`` in either list (a near-tie), to a
+    reference box of that run (a permutation, each reference box used once). Boxes left unpaired are
+    allowed only in the last run when the lists were truncated at ``cap`` (the top-k cut-off fell
+    inside a near-tie, so either box may be the one kept).
+
+    Args:
+        boxes, ref_boxes: (n, 4) xyxy px; scores, ref_scores: (n,); labels, ref_labels: (n,) or None.
+    Returns:
+        (pairs, stats): ``pairs`` the (rank, reference rank) pairs of equal boxes; ``stats`` counts of
+        ``permuted`` (pairs with rank != reference rank) and ``cut`` (unpaired at the cut-off).
+    """
+    n = len(boxes)
+    assert len(ref_boxes) == n, (n, len(ref_boxes))
+    assert bool((scores[:-1] >= scores[1:]).all()) and bool((ref_scores[:-1] >= ref_scores[1:]).all())
+    assert torch.allclose(scores, ref_scores, rtol=0, atol=TIE), float((scores - ref_scores).abs().max())
+    if labels is None:
+        labels = ref_labels = torch.zeros(n, dtype=torch.int64)
+    gap = torch.minimum(scores[:-1] - scores[1:], ref_scores[:-1] - ref_scores[1:])
+    ends = [int(i) + 1 for i in torch.nonzero(gap >= TIE).flatten()] + [n]
+    pairs, stats, start = [], {"permuted": 0, "cut": 0}, 0
+    for end in ends:
+        free = list(range(start, end))
+        for i in range(start, end):
+            j = next((j for j in free if labels[i] == ref_labels[j]
+                      and torch.allclose(boxes[i], ref_boxes[j], atol=atol)), None)
+            if j is None:
+                assert end == n and n == cap, (
+                    f"rank {i}: box {boxes[i].tolist()} label {int(labels[i])} score {float(scores[i])} has no "
+                    f"equal reference box among ranks {start}..{end - 1}: {ref_boxes[start:end].tolist()}")
+                stats["cut"] += 1
+                continue
+            free.remove(j)
+            pairs.append((i, j))
+            stats["permuted"] += i != j
+        start = end
+    return pairs, stats
+
+
+def test_match_ranked_is_strict_outside_near_ties():
+    """The tie-aware comparison accepts a swap inside a near-tie and a different last box of a
+    truncated list inside a near-tie, and still fails on a swap of distinct scores, a box moved by
+    0.01 px, a changed label, a score off by 1e-4, or a different last box of an untruncated list."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(6, 2, generator=g) * 50
+    boxes = torch.cat([xy, xy + 10 + torch.rand(6, 2, generator=g) * 20], 1)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.7 - 2e-8, 0.5, 0.4])
+    swap = [0, 1, 3, 2, 4, 5]
+    pairs, stats = match_ranked(boxes[swap], scores, boxes, scores, atol=1e-3, cap=1000)
+    assert stats == {"permuted": 2, "cut": 0} and sorted(pairs) == [(0, 0), (1, 1), (2, 3), (3, 2), (4, 4), (5, 5)]
+    tied = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.5 - 2e-8])
+    other = torch.cat([boxes[:5], boxes[:1] + 7])
+    assert match_ranked(other, tied, boxes, tied, atol=1e-3, cap=6)[1] == {"permuted": 0, "cut": 1}
+    moved = boxes.clone()
+    moved[4, 2] += 0.01
+    bad = [(boxes[[1, 0, 2, 3, 4, 5]], scores, scores, {}), (moved, scores, scores, {}),
+           (boxes, scores, scores, {"labels": torch.arange(6)[swap], "ref_labels": torch.arange(6)}),
+           (boxes, scores + 1e-4, scores, {}), (other, tied, tied, {})]
+    for b, s, ref_s, kw in bad:
+        with pytest.raises(AssertionError):
+            match_ranked(b, s, boxes, ref_s, atol=1e-3, cap=1000, **kw)
+
+
 @torch.no_grad()
 def test_inference_equals_detectron2(models, coco):
     d2, ours = models[False]
@@ -239,22 +317,37 @@ def test_inference_equals_detectron2(models, coco):
     for name in ("p2", "p3", "p4", "p5", "p6"):
         assert torch.allclose(f[name], f_d2[name], atol=1e-4, rtol=1e-4), name
     props_d2, _ = d2.proposal_generator(il_d2, f_d2)
-    props, _ = ours.rpn(il, f)
-    for a, b in zip(props, props_d2):
-        assert a.shape == b.proposal_boxes.tensor.shape
-        assert torch.allclose(a, b.proposal_boxes.tensor, atol=1e-3)
+    # our RPN's forward returns the boxes only; its filter_proposals (run unchanged) also gives the logits
+    ranked, real = [], ours.rpn.filter_proposals
+
+    def recording(*args, **kwargs):
+        ranked.append(real(*args, **kwargs))
+        return ranked[-1]
+
+    ours.rpn.filter_proposals = recording
+    try:
+        props, _ = ours.rpn(il, f)
+    finally:
+        del ours.rpn.filter_proposals
+    (boxes, logits), = ranked
+    for a, la, p, b in zip(boxes, logits, props, props_d2):
+        assert torch.equal(a, p)
+        match_ranked(a, la, b.proposal_boxes.tensor, b.objectness_logits, atol=1e-3, cap=ours.rpn.post_nms_top_n())
     out_d2 = d2(batched)
     out = ours([it["image"] for it in items], orig_sizes=[it["orig_size"] for it in items])
-    n_det, px, diff = 0, 0, 0
+    n_det, n_ref, px, diff = 0, 0, 0, 0
     for a, b in zip(out, out_d2):
         b = b["instances"]
-        assert len(a["boxes"]) == len(b) and len(b) > 0
-        assert torch.allclose(a["boxes"], b.pred_boxes.tensor, atol=1e-3)
-        assert torch.allclose(a["scores"], b.scores, atol=1e-5)
-        assert torch.equal(a["labels"] - 1, b.pred_classes)
-        px += int(b.pred_masks.sum())
-        diff += int((a["masks"] != b.pred_masks).sum())
-        n_det += len(b)
+        assert len(b) > 0
+        n_ref += len(b)
+        pairs, _ = match_ranked(a["boxes"], a["scores"], b.pred_boxes.tensor, b.scores, atol=1e-3,
+                                cap=ours.roi_heads.detections_per_img, labels=a["labels"] - 1,
+                                ref_labels=b.pred_classes)
+        for i, j in pairs:
+            px += int(b.pred_masks[j].sum())
+            diff += int((a["masks"][i] != b.pred_masks[j]).sum())
+        n_det += len(pairs)
+    assert n_det >= 0.98 * n_ref, (n_det, n_ref)  # masks compared for all but cut-off near-ties
     assert diff <= 1e-4 * px, (diff, px, n_det)
 
 

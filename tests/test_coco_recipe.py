@@ -31,14 +31,6 @@ EXCEPTIONS = {
     # detectron2 keeps the last 100 checkpoints; ours the newest 2 (+ the final model): disk only.
     "train.checkpointer.max_to_keep": (2, 100),
 }
-PRESET_EXCEPTIONS = {
-    # detectron2's H file shortens the schedule to 75 epochs but keeps B's warmup_length, a FRACTION
-    # of the schedule (250 / 184375): its warmup lasts 250 * 138281 / 184375 = 187.5 iterations.
-    # Ours warms up for 250 iterations (warmup_iters is an integer): 62 more iterations of 138,281.
-    "paper_vit_huge": {"warmup iterations": (250, 250 * 138281 / 184375)},
-}
-
-
 def _get(node, key):
     """``node[key]``, or the default of ``key`` in the signature of ``node``'s LazyCall target."""
     if key in node:
@@ -171,7 +163,7 @@ def compare(chk: RecipeCheck, ours, d2) -> None:
     chk.eq("milestones", o.milestones, lm.scheduler.milestones)
     chk.eq("lr values", [o.gamma ** i for i in range(len(o.milestones) + 1)], lm.scheduler["values"])
     chk.eq("num_updates", t.max_iter, lm.scheduler.num_updates)
-    chk.eq("warmup iterations", o.warmup_iters, lm.warmup_length * d2.train.max_iter)
+    chk.eq("warmup_length", o.warmup_length, lm.warmup_length)  # a fraction of max_iter (H: 187.5 it)
     chk.eq("warmup_factor", o.warmup_factor, lm.warmup_factor)
     chk.eq("warmup_method", "linear", _get(lm, "warmup_method"))
     # training loop
@@ -194,9 +186,40 @@ def test_coco_preset_is_detectron2_config(preset):
     from detectron2.config import LazyConfig
     d2 = LazyConfig.load(str(src / "projects/ViTDet/configs/COCO" / FILES[preset]))
     ours = load_config(preset, None, preset_dir=REPO_ROOT / "configs" / "coco")
-    chk = RecipeCheck({**EXCEPTIONS, **PRESET_EXCEPTIONS.get(preset, {})})
+    chk = RecipeCheck(EXCEPTIONS)
     compare(chk, ours, d2)
     assert chk.done() >= 100
+
+
+@pytest.mark.parametrize("preset", sorted(FILES))
+def test_coco_lr_every_iteration_equals_detectron2(preset):
+    """The lr factor of every iteration equals detectron2's: its ``lr_multiplier`` (instantiated from
+    the config file: ``WarmupParamScheduler`` over fvcore's ``MultiStepParamScheduler``) evaluated as
+    ``LRMultiplier.get_lr`` does, at ``it / train.max_iter``, for all iterations of the schedule; and a
+    real ``LRMultiplier`` stepped as detectron2's ``LRScheduler`` hook steps it (once per iteration
+    after the optimiser) gives the lr each of the first 300 iterations runs with."""
+    src = detectron2_src()
+    import torch
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.solver import LRMultiplier
+    from transfer.vitdet.optim import lr_factor
+    d2 = LazyConfig.load(str(src / "projects/ViTDet/configs/COCO" / FILES[preset]))
+    ours = load_config(preset, None, preset_dir=REPO_ROOT / "configs" / "coco")
+    o, n = ours.optim.to_dict(), ours.train.max_iter
+    assert n == d2.train.max_iter
+    sched = instantiate(d2.lr_multiplier)
+    theirs = [sched(it / n) for it in range(n)]
+    mine = [lr_factor(it, o, n) for it in range(n)]
+    bad = [it for it, (a, b) in enumerate(zip(mine, theirs)) if abs(a - b) > 1e-12 * b]
+    assert not bad, [(it, mine[it], theirs[it]) for it in bad[:5]]
+    warm = sum(1 for it in range(n) if mine[it] < 1.0 and it < o["milestones"][0])
+    assert warm == {"paper_vit_huge": 188}.get(preset, 250)  # iterations 0..187 (H), 0..249 (B, L)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=d2.optimizer.lr)
+    lrm = LRMultiplier(opt, sched, max_iter=d2.train.max_iter)
+    for it in range(300):
+        assert opt.param_groups[0]["lr"] == pytest.approx(o["lr"] * lr_factor(it, o, n), rel=1e-12), it
+        opt.step()
+        lrm.step()
 
 
 def test_coco_recipe_check_catches_a_change():

@@ -344,7 +344,7 @@ def test_other_ranks_check_every_state_and_name_the_main_process_checkpoint(tmp_
 
 
 DIVERGE = {"pretrain": ["lr=1e36", "warmup_epochs=0", "epochs=2", "data_subset=8"],
-           "coco": ["optim.lr=1e36", "train.max_iter=3", "optim.warmup_iters=0"],
+           "coco": ["optim.lr=1e36", "train.max_iter=3", "optim.warmup_length=0"],
            "ade20k": ["optimizer.lr=1e36", "schedule.warmup_iters=0", "schedule.max_iters=3"],
            "finetune": ["lr=1e36", "warmup_epochs=0", "epochs=3"]}
 

@@ -58,7 +58,9 @@ optim = dict(
     weight_decay_overrides={"pos_embed": 0.0},
     weight_decay_bias=None,                # None = weight_decay (detectron2 default)
     layer_decay=0.7,
-    warmup_iters=250, warmup_factor=0.001,
+    # detectron2: a fraction of the schedule (presets that change max_iter keep the fraction,
+    # as detectron2's H file does: 250 * 138281 / 184375 = 187.5 warmup iterations there)
+    warmup_length=250 / 184375, warmup_factor=0.001,
     milestones=[163889, 177546], gamma=0.1,
 )
 

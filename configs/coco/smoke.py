@@ -13,6 +13,6 @@ model = dict(arch="vit_tiny_patch16", img_size=256, embed_dim=64, depth=4, num_h
                             # the recipe's 0.05, and COCOeval of no detections is NaN
                             score_thresh=0.0))
 data = dict(image_size=256, test_short_edge=256, test_max_size=256, num_workers=0)
-optim = dict(lr=2e-4, layer_decay=0.7, warmup_iters=10, milestones=[60, 70])
+optim = dict(lr=2e-4, layer_decay=0.7, warmup_length=10 / 80, milestones=[60, 70])
 train = dict(total_batch_size=2, batch_size=2, max_iter=80, amp=False,
              checkpoint_period=40, eval_period=80, log_period=10)

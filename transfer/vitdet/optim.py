@@ -63,16 +63,45 @@ def param_groups(model: nn.Module, o: dict, num_layers: int) -> list[dict]:
     return list(groups.values())
 
 
+#: fvcore ``ParamScheduler.WHERE_EPSILON``: added to the training fraction before the warmup /
+#: schedule switch and before a step schedule's iteration is rounded down.
+WHERE_EPSILON = 1e-6
+
+
+def _multistep(where: float, o: dict, max_iter: int) -> float:
+    """fvcore ``MultiStepParamScheduler(values=[gamma**k], milestones, num_updates=max_iter)`` at
+    ``where`` (fraction of training): ``gamma ** (#milestones <= floor((where + 1e-6) * max_iter))``."""
+    step = int((where + WHERE_EPSILON) * max_iter)
+    return o["gamma"] ** bisect.bisect_right(list(o["milestones"]), step)
+
+
 def lr_factor(it: int, o: dict, max_iter: int) -> float:
-    """Multiplier of the base lr at iteration ``it`` (0-based): MultiStep values ``gamma**k`` after
-    ``k`` milestones, times a linear warmup from ``warmup_factor`` over ``warmup_iters``
-    (detectron2 ``WarmupParamScheduler(warmup_length=warmup_iters/max_iter, warmup_method='linear')``)."""
-    value = o["gamma"] ** bisect.bisect_right(list(o["milestones"]), it)
-    w = o["warmup_iters"]
-    if it < w:
-        alpha = it / w
-        value *= o["warmup_factor"] * (1 - alpha) + alpha
-    return value
+    """Multiplier of the base lr at iteration ``it`` (0-based), as detectron2 computes it.
+
+    detectron2 (``solver/lr_scheduler.py``: ``LRMultiplier`` over ``WarmupParamScheduler``, on
+    fvcore's ``CompositeParamScheduler``, ``LinearParamScheduler`` and ``MultiStepParamScheduler``)
+    evaluates its schedule at the fraction ``where = it / max_iter``; ``warmup_length`` is a
+    fraction of the schedule, not a number of iterations. While ``where + 1e-6 <= warmup_length``
+    the factor is linear from ``warmup_factor * multistep(0)`` to ``multistep(warmup_length)`` in
+    ``where / warmup_length``; afterwards it is ``multistep(where)``, ``gamma ** k`` after ``k``
+    milestones (absolute iterations). So ViTDet-B's ``warmup_length = 250 / 184375`` warms up for
+    iterations 0..249, and ViTDet-H, which keeps that fraction over its 138,281-iteration
+    schedule, for 187.5 iterations (factor 0.001 + 0.999 * it / 187.4997 for it <= 187).
+
+    Args:
+        it: iteration, 0 <= it < max_iter; o: the ``optim`` section (``warmup_length`` in [0, 1],
+            ``warmup_factor``, ``milestones``, ``gamma``); max_iter: training length in iterations.
+    Returns:
+        the factor (float); the lr of a group is ``lr * lr_scale * factor``.
+    """
+    where = it / max_iter
+    length = o["warmup_length"]
+    if where + WHERE_EPSILON > length:
+        return _multistep(where, o, max_iter)
+    start = o["warmup_factor"] * _multistep(0.0, o, max_iter)
+    end = _multistep(length, o, max_iter)
+    alpha = where / length
+    return end * alpha + start * (1 - alpha)
 
 
 def build_optimizer(model: nn.Module, o: dict, num_layers: int) -> torch.optim.AdamW:
