@@ -18,10 +18,13 @@ Output directory (every file written atomically)::
     checkpoint-latest.pth   newest state, used to resume (``save_freq`` epochs)
     checkpoint-<e>.pth      snapshots every ``snapshot_freq`` epochs and the final one (e = 0-based
                             index of the last finished epoch, as the reference: 800 epochs → 799)
+    snapshots.json          the complete snapshots with their cumulative compute (crossmae.compute),
+                            written after each snapshot file and before checkpoint-latest.pth
     metrics.json            written last, only when the run finished (task protocol, docs/CONTRACTS.md)
 
 Checkpoints hold the official layout ``{'model', 'optimizer', 'epoch', 'scaler', 'args'}`` (``args`` an
-``argparse.Namespace`` with the official argument names) plus ``config``, ``history``, ``rng``.
+``argparse.Namespace`` with the official argument names) plus ``config``, ``history``, ``rng`` and
+``compute`` (cumulative images seen, wall time, device-hours, FLOPs: :mod:`crossmae.compute`).
 
 Run lifecycle: :class:`crossmae.runs.RunDir`, shared by every command (a finished folder is final;
 another config never resumes in the same folder: extend a run with ``--resume FILE`` into a new one).
@@ -457,6 +460,8 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
     output_dir = run.out
     cfg_dict = plain(cfg.to_dict())
     model.to(device)
+    from .compute import ComputeMeter, flops_per_image
+    fpi = flops_per_image(model, float(cfg.mask_ratio), plan.kept_mask_ratio, device)  # before compile / DDP
     maybe_compile(model, cfg.get("compile", False))  # in place: state-dict keys unchanged
     ddp_model = model
     if world > 1:
@@ -496,6 +501,7 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
              f"= {cfg.batch_size * accum * world}; lr {lr:.4g} (blr {cfg.blr}); {steps_per_epoch} steps/epoch; "
              f"epochs {start_epoch}..{cfg.epochs - 1}; amp {cfg.amp if use_amp else 'off (fp32)'}")
 
+    meter = ComputeMeter.start(state, fpi, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     metrics_path = output_dir / "metrics.json"
 
     writer = None
@@ -526,6 +532,7 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
             generator.manual_seed(seed)
             stats = train_one_epoch(ctx, epoch)
             history.append(stats)
+            meter.add_epoch(epoch, stats["images"], stats["time_s"], world)
             if writer is not None:
                 writer.add_scalar("epoch_loss", stats["loss"], epoch)
                 writer.flush()
@@ -535,9 +542,11 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
             if final or (epoch + 1) % max(int(cfg.save_freq), 1) == 0:
                 snapshot = final or (cfg.snapshot_freq and (epoch + 1) % int(cfg.snapshot_freq) == 0)
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                         "scaler": scaler_entry(scaler), "args": ns, "config": cfg_dict, "history": history}
+                         "scaler": scaler_entry(scaler), "args": ns, "config": cfg_dict, "history": history,
+                         "compute": meter.record()}
                 # every rank checks (unhealthy weights stop all of them); the main process writes
-                ckpts.save(state, step=epoch, periodic=bool(snapshot), label=f"epoch {epoch}", write=main_proc)
+                ckpts.save(state, step=epoch, periodic=bool(snapshot), label=f"epoch {epoch}", write=main_proc,
+                           record=meter.record())
             if main_proc:
                 atomic_write_text("".join(_json_line(h) for h in history), output_dir / "log.jsonl")
             if world > 1:
@@ -547,6 +556,7 @@ def _run(args, cfg, plan, config_name, model, dataset, folder, device, rank, wor
             writer.close()
 
     metrics = _metrics(cfg, plan, config_name, args, history, ns, output_dir, device, world)
+    metrics["compute"] = meter.record()
     metrics.update(provenance(run.identity["data_root"], (), num_train=len(dataset), num_eval=0), predictions=None)
     metrics = run.finish(metrics)
     if main_proc:
