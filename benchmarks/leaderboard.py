@@ -11,6 +11,8 @@ skipped with a one-line warning naming it. Writes, next to ``--out`` (default
     leaderboard.md          the same as Markdown tables (differences whose interval excludes 0 marked)
     leaderboard.png         one panel per task × headline metric: mean and 95 % interval per backbone
     leaderboard.html        self-contained page: sortable table, per-task difference charts
+    probe_curves.{csv,png}  probes of pretraining snapshots vs epoch / FLOPs (:mod:`benchmarks.curves`;
+                            only when a pretraining under OUTPUT_DIR was watched by ``slurm.watch``)
 
 Columns of ``leaderboard.csv``: backbone, method, arch, pretrain_epochs, mask_ratio,
 prediction_ratio, decoder_depth, task, protocol, config, metric, n_seeds, seeds, mean, stderr
@@ -43,7 +45,7 @@ from pathlib import Path
 
 from crossmae.utils import UserError, atomic_write_text, check_writable, cli_entry, sha256_file
 
-from . import bootstrap, reference
+from . import bootstrap, curves, reference
 
 COLUMNS = ["backbone", "method", "arch", "pretrain_epochs", "mask_ratio", "prediction_ratio", "decoder_depth",
            "task", "protocol", "config", "metric", "n_seeds", "seeds", "mean", "stderr", "ci_low", "ci_high",
@@ -218,7 +220,8 @@ def collect(root: str | os.PathLike) -> list[dict]:
     out = []
     for mpath in sorted(root.rglob("metrics.json")):
         rel = mpath.parent.relative_to(root)
-        if rel.parts[:1] in (("jobs",), ("pretrain",)) or any(".old-" in p for p in rel.parts):
+        if rel.parts[:1] in (("jobs",), ("pretrain",)) or any(".old-" in p for p in rel.parts) \
+                or curves.in_watch(mpath, root):  # probes of pretraining snapshots: curves, not rows
             continue
         try:
             m = _read_json(mpath)
@@ -605,6 +608,7 @@ def build(root: str | os.PathLike, out: str | os.PathLike | None = None, resampl
     atomic_write_text(to_markdown(rows, pairs, root, resamples), paths["md"])
     plot(rows, paths["png"])
     atomic_write_text(leaderboard_html.render(rows, pairs, root, resamples, HEADLINE), paths["html"])
+    paths.update(curves.build(root, paths["csv"].parent, min(resamples, 1000), seed, page=paths["html"], warn=warn))
     return paths
 
 
