@@ -342,6 +342,27 @@ class Watcher:
                 "attempts": sum(len(e["attempts"]) for e in es)}
 
 
+def watch_spec(pre: TaskSpec, probes: list[str], every: int, poll: float = 5.0) -> TaskSpec:
+    """The task (kind ``watch``, module ``slurm.watch``, no dependency) that watches the pretraining
+    task ``pre``: one CPU, 2 GB, the pretraining's time limit (a time-out requeues it; it resumes).
+    ``--executor auto`` in its arguments is replaced by :func:`slurm.submit.dispatch` with the
+    suite's executor.
+
+    Raises:
+        UserError: an unknown probe, ``every`` < 1.
+    """
+    names = probe_names(probes)
+    check_int("--every", every, 1)
+    res = Resources(nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=1, mem_gb=2,
+                    timeout_min=int(pre.resources.get("timeout_min", 60)), gpu_type="cpu")
+    return TaskSpec(id=f"{pre.id}/{WATCH_DIR}", suite=pre.suite, task="watch", protocol="watch", module="slurm.watch",
+                    config="auto", kind="watch", backbone_name=pre.backbone_name, backbone=None, seed=0,
+                    output_dir=str(Path(pre.output_dir) / WATCH_DIR), data_root=pre.data_root,
+                    resources=res.to_dict(), arch=pre.arch,
+                    args=[pre.output_dir, "--probe", ",".join(names), "--every", str(every), "--poll", str(poll),
+                          "--executor", "auto"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m slurm.watch", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -352,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=2, help="extra attempts of a failed probe (default 2)")
     p.add_argument("--poll", type=float, default=15.0, help="seconds between looks at the folder (default 15)")
     p.add_argument("--executor", default="auto", choices=EXECUTORS, help="where the probes run (auto: slurm if up)")
-    p.add_argument("--config", default=None, help="configs/linprobe preset or file (default: by architecture)")
+    p.add_argument("--config", default=None,
+                   help="configs/linprobe preset or file (default or 'auto': by the snapshot's architecture)")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every probe")
     p.add_argument("--data-root", default=None, help="datasets root (default $CROSSMAE_DATA_ROOT or ../shared/data)")
     p.add_argument("--seed", type=int, default=0, help="the probes' seed")
@@ -402,6 +424,8 @@ def main(argv: list[str] | None = None) -> dict:
     check_int("--retries", args.retries, 0)
     if not args.poll > 0:
         raise UserError(f"--poll {args.poll}: must be > 0 seconds")
+    if args.config == "auto":
+        args.config = None
     pre = Path(args.pretrain_dir).resolve()
     pretrain_info(pre)
     if args.output_dir and Path(args.output_dir).resolve() != pre / WATCH_DIR:
