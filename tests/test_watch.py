@@ -27,9 +27,9 @@ PRE = ["data_subset=16", "batch_size=4", "total_batch_size=8", "num_workers=0", 
        "warmup_epochs=1", "snapshot_freq=1", "tensorboard=True"]
 
 
-def _pretrain_argv(out: Path, data_root: Path, epochs: int) -> list[str]:
+def _pretrain_argv(out: Path, data_root: Path, epochs: int, *opts: str) -> list[str]:
     return ["--config", "smoke_crossmae", "--data-root", str(data_root), "--output-dir", str(out),
-            "--cfg-options", *PRE, f"epochs={epochs}"]
+            "--cfg-options", *PRE, f"epochs={epochs}", *opts]
 
 
 def _watch_argv(pre: Path, tmp: Path, *extra: str) -> list[str]:
@@ -91,7 +91,7 @@ def test_watches_a_running_pretraining_once_per_snapshot_and_draws_the_curve(tmp
     file holds the probes' own metrics.json values and each snapshot's compute; TensorBoard gets
     the values at the snapshot's epoch."""
     pre = tmp_path / "runs" / "pretrain" / "crossmae"
-    proc = subprocess.Popen([sys.executable, "-m", "crossmae.pretrain", *_pretrain_argv(pre, data_root, 3)],
+    proc = subprocess.Popen([sys.executable, "-m", "crossmae.pretrain", *_pretrain_argv(pre, data_root, 3, "data_subset=32")],
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         t0 = time.time()
@@ -108,6 +108,8 @@ def test_watches_a_running_pretraining_once_per_snapshot_and_draws_the_curve(tmp
     assert started_before_end
     assert res == {"done": 3, "failed": 0, "attempts": 3}
     st = _state(pre)
+    # the first probe was submitted while the pretraining was still training
+    assert min(a["at"] for e in st["entries"].values() for a in e["attempts"]) < (pre / "metrics.json").stat().st_mtime
     assert sorted(st["entries"]) == ["knn/ep0", "knn/ep1", "knn/ep2"]
     assert all(len(e["attempts"]) == 1 and e["state"] == "done" for e in st["entries"].values())
     assert sorted(p.name for p in (pre / "watch" / "knn").iterdir()) == ["ep0", "ep1", "ep2"]
@@ -134,7 +136,7 @@ def test_watches_a_running_pretraining_once_per_snapshot_and_draws_the_curve(tmp
         r = next(r for r in rows if r["epoch"] == str(epoch) and r["metric"] == "top1")
         assert float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"])
         c = snaps[epoch]
-        assert int(r["images_seen"]) == c["images_seen"] == 8 * 2 * (epoch + 1)
+        assert int(r["images_seen"]) == c["images_seen"] == 8 * 4 * (epoch + 1)
         assert float(r["flops"]) == c["images_seen"] * c["flops_per_image"]
         assert r["method"] == "crossmae" and r["device_type"] == "cpu"
         if prev:
