@@ -246,3 +246,19 @@ def test_watcher_submits_probes_to_slurm_once_per_snapshot(tmp_path, finished):
     assert len(ids) == len(set(ids)) == 2 and all(a["executor"] == "slurm" for e in st["entries"].values()
                                                  for a in e["attempts"])
     assert {r.state for r in status_collect(pre)} == {"done"}
+
+
+def test_a_run_starting_leaves_nested_runs_temp_files_alone(tmp_path):
+    """A pretraining (re)starting removes its own stale temp files, never those of the probes that
+    run inside its folder (their own run.lock marks them): a requeued pretraining cannot break a
+    probe in the middle of an atomic write."""
+    from crossmae.runs import RunDir
+    own = tmp_path / ".checkpoint-latest.pth.x1.tmp"
+    nested = tmp_path / "watch" / "knn" / "ep0" / "try0"
+    nested.mkdir(parents=True)
+    (nested / "run.lock").write_text("")
+    theirs = nested / ".checkpoint-latest.pth.x2.tmp"
+    for p in (own, theirs):
+        p.write_text("partial")
+    RunDir(tmp_path, "pretrain", {"x": 1}, "x\n").start().close()
+    assert not own.exists() and theirs.exists()
