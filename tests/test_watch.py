@@ -262,3 +262,29 @@ def test_a_run_starting_leaves_nested_runs_temp_files_alone(tmp_path):
         p.write_text("partial")
     RunDir(tmp_path, "pretrain", {"x": 1}, "x\n").start().close()
     assert not own.exists() and theirs.exists()
+
+
+@pytest.mark.slurm
+def test_submit_runs_pretraining_watcher_and_probes_as_slurm_jobs(tmp_path):
+    """``slurm.submit --pretrain ... --watch knn``: the pretraining, its watcher (itself a Slurm job)
+    and the watcher's probes all run on the cluster; one probe per snapshot; the final leaderboard
+    job (after the watcher) draws the curve."""
+    from benchmarks.suites import get_suite
+    from slurm.executor import slurm_available
+    from slurm.submit import dispatch, plan
+    if not slurm_available():
+        pytest.skip("no Slurm controller answers (start one: bash slurm/cluster.sh ensure)")
+    out = tmp_path / "runs"
+    specs = plan(get_suite("smoke"), out, pretrains={"crossmae": "smoke_crossmae"}, tasks=["linprobe"],
+                 pretrain_cfg_options=[*PRE, "epochs=2"], cfg_options=[f"fast.cache_dir={tmp_path / 'fc'}", "protocol=knn"],
+                 watch=["knn"], every=1)
+    sub = dispatch(specs, out, "slurm", wait=True, progress=None)
+    assert set(sub.results.values()) == {"done"} and "pretrain/crossmae/watch" in sub.results
+    pre = out / "pretrain" / "crossmae"
+    st = _state(pre)
+    assert sorted(st["entries"]) == ["knn/ep0", "knn/ep1"]
+    assert all(len(e["attempts"]) == 1 and e["attempts"][0]["executor"] == "slurm" and e["state"] == "done"
+               for e in st["entries"].values())
+    assert {r.state for r in status_collect(out)} == {"done"}
+    rows = list(csv.DictReader((out / "probe_curves.csv").open()))
+    assert {(r["backbone"], r["epoch"]) for r in rows if r["metric"] == "top1"} == {("crossmae", "0"), ("crossmae", "1")}
