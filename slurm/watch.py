@@ -203,6 +203,8 @@ class Watcher:
             if e["state"] in ENDED or not e["attempts"]:
                 continue
             a = e["attempts"][-1]
+            if a["state"] in ENDED:  # already judged (e.g. a refused submission): a new attempt follows
+                continue
             if a["state"] == "intent":
                 self._resolve_intent(e, a)
                 if a["state"] == "intent":
@@ -306,7 +308,9 @@ class Watcher:
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
             a.update(state="failed", error=f"submission refused: {lines[-1]}")
             e["state"] = "pending" if len(e["attempts"]) <= self.retries else "failed"
+            e["error"] = a["error"] if e["state"] == "failed" else None
             self.save()
+            self.say(f"{e['probe']} ep{e['epoch']} try{a['try']}: {a['error']}")
             return
         _record(spec, self.kind, job, self.dir / "jobs")
         self.jobs[spec.output_dir] = job

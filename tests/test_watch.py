@@ -288,3 +288,18 @@ def test_submit_runs_pretraining_watcher_and_probes_as_slurm_jobs(tmp_path):
     assert {r.state for r in status_collect(out)} == {"done"}
     rows = list(csv.DictReader((out / "probe_curves.csv").open()))
     assert {(r["backbone"], r["epoch"]) for r in rows if r["metric"] == "top1"} == {("crossmae", "0"), ("crossmae", "1")}
+
+
+@pytest.mark.slurm
+def test_probe_refused_by_the_scheduler_is_retried_then_failed(tmp_path, finished):
+    from slurm.executor import slurm_available
+    if not slurm_available():
+        pytest.skip("no Slurm controller answers (start one: bash slurm/cluster.sh ensure)")
+    pre = _copy(finished, tmp_path)
+    argv = _watch_argv(pre, tmp_path, "--every", "2", "--retries", "1", "--partition", "no_such_partition")
+    argv[argv.index("--executor") + 1] = "slurm"
+    assert watch.main(argv) == {"done": 0, "failed": 1, "attempts": 2}
+    e = _state(pre)["entries"]["knn/ep1"]
+    assert e["state"] == "failed" and "submission refused" in e["error"] and "partition" in e["error"].lower()
+    rows = list(csv.DictReader(curves.to_csv(curves.collect(pre.parent)).splitlines()))
+    assert [(r["status"], r["attempts"]) for r in rows] == [("failed", "2")]
