@@ -7,9 +7,9 @@ images, transfer both to every task of the ``smoke`` suite, and write the leader
 It is ``python -m slurm.submit --suite smoke --pretrain mae=smoke_mae --pretrain
 crossmae=smoke_crossmae --watch knn --every 1 --executor local`` (the same dispatch code as on a
 cluster: pretraining → transfer arrays → leaderboard; a watcher per pretraining probes each epoch's
-snapshot with kNN while it trains, drawn in ``probe_curves.png`` and the leaderboard page), plus a per-stage timing record (``main_job_timing.json``, printed)
-and a list of every artefact at the end. Designed to finish in under 20 minutes on 2 CPU cores
-(two tasks at a time, one core each). Rerunning skips finished tasks and resumes unfinished ones;
+snapshot with kNN while it trains, drawn in ``probe_curves.png`` and the leaderboard page), plus a
+per-stage timing record (``main_job_timing.json``, printed) and a list of every artefact at the end.
+Designed to finish in under 20 minutes on 2 CPU cores (two tasks at a time, one core each). Rerunning skips finished tasks and resumes unfinished ones;
 ``--force`` reruns everything (old folders kept as ``*.old-<time>``). ``main_job_timing.json`` holds
 this invocation's stage times (seconds; a stage that ran nothing is 0) and the last ten earlier
 ones under ``previous_runs``. Exit status 1 when a task failed.
