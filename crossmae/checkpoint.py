@@ -5,9 +5,10 @@ Layout of an output directory (every file written atomically, temp file + rename
     checkpoint-latest.pth      the newest training state, used to resume (requeue-safe)
     checkpoint-<step>.pth      periodic snapshots (``keep`` newest kept, or all when keep=0)
     snapshots.json             (when the writer passes a ``record``) the complete periodic
-                               snapshots, in order, each with that record (e.g. the pretraining's compute totals); a file
-                               is listed only once fully written, so a reader (``slurm.watch``)
-                               that trusts only this list never sees a partial or temporary file
+                               snapshots, in order, each with that record (e.g. the pretraining's
+                               compute totals); a file is listed only once fully written, so a
+                               reader (``slurm.watch``) that trusts only this list never sees a
+                               partial or temporary file
 
 A state is a dict with at least ``model`` (state dict), ``optimizer``, ``epoch`` and, for
 bit-exact resume, ``rng`` (Python, NumPy, torch CPU and CUDA generator states). The official
@@ -141,8 +142,8 @@ class CheckpointManager:
              write: bool = True, record: dict | None = None) -> Path:
         """Write ``state`` (plus the RNG snapshot) as ``checkpoint-latest.pth``; with ``periodic``
         also as ``checkpoint-<step>.pth``, then, when ``record`` is given (the pretraining's
-        compute totals), list it in ``snapshots.json`` before the latest file is replaced (a run killed in between redoes the step and lists it
-        again). Returns the latest path.
+        compute totals), list it in ``snapshots.json`` before the latest file is replaced (a run
+        killed in between redoes the step and lists it again). Returns the latest path.
 
         Under DDP every rank calls it with the same state and ``write=is_main_process()``: every rank
         checks the state (so an unhealthy one stops all of them together) and records the checkpoint

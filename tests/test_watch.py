@@ -91,12 +91,15 @@ def test_watches_a_running_pretraining_once_per_snapshot_and_draws_the_curve(tmp
     file holds the probes' own metrics.json values and each snapshot's compute; TensorBoard gets
     the values at the snapshot's epoch."""
     pre = tmp_path / "runs" / "pretrain" / "crossmae"
-    proc = subprocess.Popen([sys.executable, "-m", "crossmae.pretrain", *_pretrain_argv(pre, data_root, 3, "data_subset=32")],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    argv = _pretrain_argv(pre, data_root, 3, "data_subset=32")
+    err = tmp_path / "pretrain.err"
+    with err.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "crossmae.pretrain", *argv], env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=fh)
     try:
         t0 = time.time()
         while not (pre / "run.json").is_file():
-            assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read() if proc.poll() else "slow"
+            assert proc.poll() is None and time.time() - t0 < 120, err.read_text()[-2000:]
             time.sleep(0.1)
         # what a reader must never take for a snapshot: a temp file being written, a file not listed
         (pre / ".checkpoint-7.pth.abcd.tmp").write_bytes(b"partial")
@@ -104,7 +107,7 @@ def test_watches_a_running_pretraining_once_per_snapshot_and_draws_the_curve(tmp
         started_before_end = not (pre / "metrics.json").exists()
         res = watch.main(_watch_argv(pre, tmp_path))
     finally:
-        assert proc.wait(timeout=300) == 0
+        assert proc.wait(timeout=300) == 0, err.read_text()[-2000:]
     assert started_before_end
     assert res == {"done": 3, "failed": 0, "attempts": 3}
     st = _state(pre)
@@ -276,7 +279,8 @@ def test_submit_runs_pretraining_watcher_and_probes_as_slurm_jobs(tmp_path):
         pytest.skip("no Slurm controller answers (start one: bash slurm/cluster.sh ensure)")
     out = tmp_path / "runs"
     specs = plan(get_suite("smoke"), out, pretrains={"crossmae": "smoke_crossmae"}, tasks=["linprobe"],
-                 pretrain_cfg_options=[*PRE, "epochs=2"], cfg_options=[f"fast.cache_dir={tmp_path / 'fc'}", "protocol=knn"],
+                 pretrain_cfg_options=[*PRE, "epochs=2"],
+                 cfg_options=[f"fast.cache_dir={tmp_path / 'fc'}", "protocol=knn"],
                  watch=["knn"], every=1)
     sub = dispatch(specs, out, "slurm", wait=True, progress=None)
     assert set(sub.results.values()) == {"done"} and "pretrain/crossmae/watch" in sub.results
@@ -287,7 +291,8 @@ def test_submit_runs_pretraining_watcher_and_probes_as_slurm_jobs(tmp_path):
                for e in st["entries"].values())
     assert {r.state for r in status_collect(out)} == {"done"}
     rows = list(csv.DictReader((out / "probe_curves.csv").open()))
-    assert {(r["backbone"], r["epoch"]) for r in rows if r["metric"] == "top1"} == {("crossmae", "0"), ("crossmae", "1")}
+    top1 = {(r["backbone"], r["epoch"]) for r in rows if r["metric"] == "top1"}
+    assert top1 == {("crossmae", "0"), ("crossmae", "1")}
 
 
 @pytest.mark.slurm
