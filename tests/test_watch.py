@@ -209,6 +209,13 @@ def test_sigkilled_watcher_resumes_without_submitting_twice(tmp_path, finished):
     before = (pre / "watch" / "watch_state.json").read_text()
     assert watch.main(_watch_argv(pre, tmp_path)) == res
     assert (pre / "watch" / "watch_state.json").read_text() == before
+    # snapshots of an older run (no compute record) are placed by epoch only
+    listed = json.loads((pre / "snapshots.json").read_text())
+    (pre / "snapshots.json").write_text(json.dumps({"snapshots": [{"step": e["step"], "file": e["file"]}
+                                                                  for e in listed["snapshots"]]}))
+    old = list(csv.DictReader(curves.to_csv(curves.collect(pre.parent)).splitlines()))
+    assert [(r["epoch"], r["value"]) for r in old] == [(r["epoch"], r["value"]) for r in rows]
+    assert all(r["flops"] == r["images_seen"] == r["device_hours"] == "" for r in old)
 
 
 def test_second_watcher_is_refused_by_the_lock(tmp_path, finished, user_error):
