@@ -12,6 +12,8 @@ skipped with a one-line warning naming it. Writes, next to ``--out`` (default
     leaderboard.png         one panel per task × headline metric: mean and 95 % interval per backbone
     leaderboard.html        self-contained page opening on the MAE-vs-CrossMAE comparison (one row per
                             task × headline metric), then the sortable table and difference charts
+    probe_curves.{csv,png}  probes of pretraining snapshots vs epoch / FLOPs (:mod:`benchmarks.curves`;
+                            only when a pretraining under OUTPUT_DIR was watched by ``slurm.watch``)
 
 Columns of ``leaderboard.csv``: backbone, method, arch, pretrain_epochs, mask_ratio,
 prediction_ratio, decoder_depth, task, protocol, config, metric, n_seeds, seeds, mean, stderr
@@ -49,7 +51,7 @@ from pathlib import Path
 
 from crossmae.utils import UserError, atomic_write_text, check_writable, cli_entry, sha256_file
 
-from . import bootstrap, reference
+from . import bootstrap, curves, reference
 from .render import fmt_metric, fmt_number, is_finite, is_number, md_text
 
 COLUMNS = ["backbone", "method", "arch", "pretrain_epochs", "mask_ratio", "prediction_ratio", "decoder_depth",
@@ -247,7 +249,8 @@ def collect(root: str | os.PathLike) -> list[dict]:
     warned_nested: set = set()
     for mpath in sorted(root.rglob("metrics.json")):
         rel = mpath.parent.relative_to(root)
-        if rel.parts[:1] in (("jobs",), ("pretrain",)) or any(".old-" in p for p in rel.parts):
+        if rel.parts[:1] in (("jobs",), ("pretrain",)) or any(".old-" in p for p in rel.parts) \
+                or curves.in_watch(mpath, root):  # probes of pretraining snapshots: curves, not rows
             continue
         inner = _nested_suite_root(mpath.parent, root, nested)
         if inner is not None:
@@ -695,8 +698,10 @@ def build(root: str | os.PathLike, out: str | os.PathLike | None = None, resampl
     atomic_write_text(to_csv(pairs, PAIRED_COLUMNS), paths["paired"])
     atomic_write_text(to_markdown(rows, pairs, root, resamples), paths["md"])
     plot(rows, paths["png"])
-    # HOOK(curves): the probe-curves section goes in as leaderboard_html.render(..., curves=<its HTML>).
-    atomic_write_text(leaderboard_html.render(rows, pairs, root, resamples, HEADLINE, curves=None), paths["html"])
+    curve_paths, curves_html = curves.build(root, paths["csv"].parent, min(resamples, 1000), seed, warn=warn)
+    atomic_write_text(leaderboard_html.render(rows, pairs, root, resamples, HEADLINE, curves=curves_html or None),
+                      paths["html"])
+    paths.update(curve_paths)
     return paths
 
 

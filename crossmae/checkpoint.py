@@ -4,6 +4,11 @@ Layout of an output directory (every file written atomically, temp file + rename
 
     checkpoint-latest.pth      the newest training state, used to resume (requeue-safe)
     checkpoint-<step>.pth      periodic snapshots (``keep`` newest kept, or all when keep=0)
+    snapshots.json             (when the writer passes a ``record``) the complete periodic
+                               snapshots, in order, each with that record (e.g. the pretraining's
+                               compute totals); a file is listed only once fully written, so a
+                               reader (``slurm.watch``) that trusts only this list never sees a
+                               partial or temporary file
 
 A state is a dict with at least ``model`` (state dict), ``optimizer``, ``epoch`` and, for
 bit-exact resume, ``rng`` (Python, NumPy, torch CPU and CUDA generator states). The official
@@ -20,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .utils import UserError, atomic_save, safe_torch_load
+from .utils import UserError, atomic_save, atomic_write_json, safe_torch_load
 
 LATEST = "checkpoint-latest.pth"
+SNAPSHOTS = "snapshots.json"
 
 
 def rng_state() -> dict:
@@ -133,9 +139,11 @@ class CheckpointManager:
         return self.dir / LATEST
 
     def save(self, state: dict, step: int | None = None, periodic: bool = False, label: str | None = None,
-             write: bool = True) -> Path:
+             write: bool = True, record: dict | None = None) -> Path:
         """Write ``state`` (plus the RNG snapshot) as ``checkpoint-latest.pth``; with ``periodic``
-        also as ``checkpoint-<step>.pth``. Returns the latest path.
+        also as ``checkpoint-<step>.pth``, then, when ``record`` is given (the pretraining's
+        compute totals), list it in ``snapshots.json`` before the latest file is replaced (a run
+        killed in between redoes the step and lists it again). Returns the latest path.
 
         Under DDP every rank calls it with the same state and ``write=is_main_process()``: every rank
         checks the state (so an unhealthy one stops all of them together) and records the checkpoint
@@ -153,17 +161,29 @@ class CheckpointManager:
         state.setdefault("rng", rng_state())
         if periodic and step is not None:
             atomic_save(state, self.dir / f"checkpoint-{step}.pth")
+            if record is not None:
+                self._list_snapshot(step, record)
             self._prune()
         path = atomic_save(state, self.latest_path)
         self.last_good = f"{path} ({label})"
         return path
+
+    def _list_snapshot(self, step: int, record: dict | None) -> None:
+        entries = [e for e in read_snapshots(self.dir) if e["step"] != int(step)]
+        entries.append({"step": int(step), "file": f"checkpoint-{int(step)}.pth", **(record or {})})
+        atomic_write_json({"snapshots": sorted(entries, key=lambda e: e["step"])}, self.dir / SNAPSHOTS)
 
     def _prune(self) -> None:
         if self.keep <= 0:
             return
         snaps = sorted(self.dir.glob("checkpoint-*.pth"), key=_step_of)
         snaps = [p for p in snaps if _step_of(p) >= 0]
-        for p in snaps[:-self.keep]:
+        gone = snaps[:-self.keep]
+        if gone and (self.dir / SNAPSHOTS).is_file():  # unlisted first: a listed snapshot always exists
+            names = {p.name for p in gone}
+            entries = [e for e in read_snapshots(self.dir) if e["file"] not in names]
+            atomic_write_json({"snapshots": entries}, self.dir / SNAPSHOTS)
+        for p in gone:
             p.unlink(missing_ok=True)
 
     def load_latest(self, restore_rng: bool = True) -> dict | None:
@@ -180,6 +200,32 @@ class CheckpointManager:
         if restore_rng and "rng" in state:
             set_rng_state(state["rng"])
         return state
+
+
+def read_snapshots(folder: str | Path) -> list[dict]:
+    """The entries of ``<folder>/snapshots.json`` (``[]`` when absent), sorted by step. Each is a
+    dict with ``step`` (int >= 0), ``file`` (``checkpoint-<step>.pth``, inside ``folder``) and the
+    writer's record. The file is untrusted: entries without a valid step / file name are dropped.
+
+    Raises:
+        UserError: the file exists but is not a JSON object with a ``snapshots`` list.
+    """
+    import json
+    path = Path(folder) / SNAPSHOTS
+    if not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable snapshot list ({str(exc).splitlines()[0][:80]})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("snapshots"), list):
+        raise UserError(f"{path}: not a snapshot list (expected {{\"snapshots\": [...]}})")
+    out = []
+    for e in doc["snapshots"]:
+        if isinstance(e, dict) and isinstance(e.get("step"), int) and not isinstance(e["step"], bool) \
+                and e["step"] >= 0 and e.get("file") == f"checkpoint-{e['step']}.pth":
+            out.append(e)
+    return sorted(out, key=lambda e: e["step"])
 
 
 def _step_of(p: Path) -> int:

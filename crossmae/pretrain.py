@@ -18,10 +18,13 @@ Output directory (every file written atomically)::
     checkpoint-latest.pth   newest state, used to resume (every ``checkpoint_period`` epochs)
     checkpoint-<e>.pth      snapshots every ``snapshot_period`` epochs and the final one (e = 0-based
                             index of the last finished epoch, as the reference: 800 epochs → 799)
+    snapshots.json          the complete snapshots with their cumulative compute (crossmae.compute),
+                            written after each snapshot file and before checkpoint-latest.pth
     metrics.json            written last, only when the run finished (task protocol, docs/CONTRACTS.md)
 
 Checkpoints hold the official layout ``{'model', 'optimizer', 'epoch', 'scaler', 'args'}`` (``args`` an
-``argparse.Namespace`` with the official argument names) plus ``config``, ``history``, ``rng``.
+``argparse.Namespace`` with the official argument names) plus ``config``, ``history``, ``rng`` and
+``compute`` (cumulative images seen, wall time, device-hours, FLOPs: :mod:`crossmae.compute`).
 
 Run lifecycle and driver: :class:`crossmae.runs.Run` (layout, device, folder, checkpoints, resume,
 ``metrics.json``), shared by every command (a finished folder is final;
@@ -441,6 +444,8 @@ def train(run: Run, job: Job) -> dict:
     output_dir = run.out
     cfg_dict = plain(cfg.to_dict())
     model.to(device)
+    from .compute import ComputeMeter, flops_per_image
+    fpi = flops_per_image(model, float(cfg.mask_ratio), plan.kept_mask_ratio, device)  # before compile / DDP
     maybe_compile(model, cfg.get("compile", False))  # in place: state-dict keys unchanged
     ddp_model = run.wrap_ddp(model, find_unused_parameters=bool(cfg.find_unused_parameters))
     groups = timm.optim.param_groups_weight_decay(model, float(cfg.weight_decay))
@@ -474,6 +479,7 @@ def train(run: Run, job: Job) -> dict:
              f"= {cfg.batch_size * accum * world}; lr {lr:.4g} (blr {cfg.blr}); {job.steps_per_epoch} steps/epoch; "
              f"epochs {start_epoch}..{cfg.epochs - 1}; amp {cfg.amp if use_amp else 'off (fp32)'}")
 
+    meter = ComputeMeter.start(state, fpi, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     writer = run.tensorboard(bool(cfg.tensorboard) and start_epoch < cfg.epochs)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=int(cfg.seed))
@@ -497,6 +503,7 @@ def train(run: Run, job: Job) -> dict:
         generator.manual_seed(seed)
         stats = train_one_epoch(ctx, epoch)
         history.append(stats)
+        meter.add_epoch(epoch, stats["images"], stats["time_s"], world)
         if writer is not None:
             writer.add_scalar("epoch_loss", stats["loss"], epoch)
             writer.flush()
@@ -506,14 +513,17 @@ def train(run: Run, job: Job) -> dict:
         if final or (epoch + 1) % max(int(cfg.checkpoint_period), 1) == 0:
             snapshot = final or (cfg.snapshot_period and (epoch + 1) % int(cfg.snapshot_period) == 0)
             state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "scaler": scaler_entry(scaler), "args": ns, "config": cfg_dict, "history": history}
+                     "scaler": scaler_entry(scaler), "args": ns, "config": cfg_dict, "history": history,
+                     "compute": meter.record()}
             # every rank checks (unhealthy weights stop all of them); the main process writes
-            ckpts.save(state, step=epoch, periodic=bool(snapshot), label=f"epoch {epoch}", write=run.main)
+            ckpts.save(state, step=epoch, periodic=bool(snapshot), label=f"epoch {epoch}", write=run.main,
+                       record=meter.record())
         if run.main:
             atomic_write_text("".join(_json_line(h) for h in history), output_dir / "log.jsonl")
         run.barrier()
 
     metrics = _metrics(cfg, plan, job.config_name, job.backbone, job.backbone_sha256, history, ns, output_dir)
+    metrics["compute"] = meter.record()
     metrics.update(provenance(run.identity["data_root"], (), num_train=len(dataset), num_eval=0), predictions=None)
     metrics = run.finish(metrics)
     if run.main:

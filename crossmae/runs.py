@@ -264,8 +264,11 @@ class RunDir:
         os.pwrite(self._lock_fd, info.encode(), 0)
 
     def _clean_stale(self) -> None:
+        """Remove stale temporary files of this run; a nested run's folder (one holding its own
+        ``run.lock``, e.g. the probes ``slurm.watch`` runs inside a pretraining folder) is its own."""
         for p in self.out.rglob(".*"):
-            if p.is_file() and _STALE_TMP.match(p.name):
+            if p.is_file() and _STALE_TMP.match(p.name) and not any(
+                    (d / LOCK_NAME).exists() for d in p.parents if d != self.out and self.out in d.parents):
                 p.unlink(missing_ok=True)
 
     def close(self) -> None:

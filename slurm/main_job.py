@@ -5,10 +5,11 @@ images, transfer both to every task of the ``smoke`` suite, and write the leader
     python -m slurm.main_job --data-root /data --output-dir runs/main
 
 It is ``python -m slurm.submit --suite smoke --pretrain mae=smoke_mae --pretrain
-crossmae=smoke_crossmae --executor local`` (the same dispatch code as on a cluster: pretraining →
-transfer arrays → leaderboard), plus a per-stage timing record (``main_job_timing.json``, printed)
-and a list of every artefact at the end. Designed to finish in under 20 minutes on 2 CPU cores
-(two tasks at a time, one core each). Rerunning skips finished tasks and resumes unfinished ones;
+crossmae=smoke_crossmae --watch knn --every 1 --executor local`` (the same dispatch code as on a
+cluster: pretraining → transfer arrays → leaderboard; a watcher per pretraining probes each epoch's
+snapshot with kNN while it trains, drawn in ``probe_curves.png`` and the leaderboard page), plus a
+per-stage timing record (``main_job_timing.json``, printed) and a list of every artefact at the end.
+Designed to finish in under 20 minutes on 2 CPU cores (two tasks at a time, one core each). Rerunning skips finished tasks and resumes unfinished ones;
 ``--force`` reruns everything (old folders kept as ``*.old-<time>``). ``main_job_timing.json`` holds
 this invocation's stage times (seconds; a stage that ran nothing is 0) and the last ten earlier
 ones under ``previous_runs``. Exit status 1 when a task failed.
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mae-config", default="smoke_mae", help="pretraining preset of the MAE backbone")
     p.add_argument("--crossmae-config", default="smoke_crossmae", help="pretraining preset of the CrossMAE backbone")
     p.add_argument("--force", action="store_true", help="rerun finished tasks")
+    p.add_argument("--watch", nargs="+", default=["knn"], metavar="PROBE",
+                   help="probes run on each pretraining snapshot while it trains (default knn; 'none': no watcher)")
+    p.add_argument("--every", type=int, default=1, help="probe every N-th epoch's snapshot (default 1)")
     return p
 
 
@@ -54,7 +58,7 @@ def _artefacts(out: Path, sub) -> list[str]:
             m = s.dir / "metrics.json"
             lines.append(f"{s.id:46s} {m if m.is_file() else '(failed) ' + str(s.dir / 'task_state.json')}")
     for name in ("leaderboard.csv", "leaderboard_paired.csv", "leaderboard.md", "leaderboard.png", "leaderboard.html",
-                 "main_job_timing.json"):
+                 "probe_curves.csv", "probe_curves.png", "main_job_timing.json"):
         lines.append(f"{name:23s}{out / name}")
     lines.append(f"job logs               {out / 'jobs'}")
     lines.append(f"task states            python -m slurm.status {out}")
@@ -80,15 +84,17 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir).resolve()
     kind = resolve_executor(args.executor)
     specs = plan(get_suite("smoke"), out, pretrains={"mae": args.mae_config, "crossmae": args.crossmae_config},
-                 seeds=args.seeds, data_root=data_root, tasks=args.tasks)
-    n_pre = sum(s.kind == "pretrain" for s in specs)
-    print(f"main job: {n_pre} pretrainings + {len(specs) - n_pre} transfer tasks on {kind} "
+                 seeds=args.seeds, data_root=data_root, tasks=args.tasks,
+                 watch=None if args.watch == ["none"] else args.watch, every=args.every)
+    n_pre = sum(s.kind in ("pretrain", "watch") for s in specs)
+    print(f"main job: {n_pre} pretrainings/watchers + {len(specs) - n_pre} transfer tasks on {kind} "
           f"({args.array_parallelism} at a time); data {data_root}; output {out}", flush=True)
     sub = dispatch(specs, out, kind, opts, force=args.force, wait=True,
                    progress=lambda msg: print(msg, flush=True))
     total = time.time() - t0
     stages = {"pretrain_s": round(sub.stage_times.get("pretrain", 0.0), 1),
               "transfer_s": round(sub.stage_times.get("transfer", 0.0), 1),
+              "watch_s": round(sub.stage_times.get("watch", 0.0), 1),
               "leaderboard_s": round(sub.stage_times.get("leaderboard", 0.0), 1), "total_s": round(total, 1)}
     per_task = {}
     from slurm.tasks import read_json

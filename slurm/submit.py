@@ -6,10 +6,14 @@
         --seeds 0 1 2 --output-dir runs/paper --partition gpu --account proj --constraint a100
     python -m slurm.submit --suite smoke --pretrain mae=smoke_mae --pretrain crossmae=smoke_crossmae \\
         --output-dir runs/smoke --executor local
+    python -m slurm.submit --suite paper --pretrain crossmae=paper_crossmae_vit_base --watch knn linprobe_fast \\
+        --every 50 --output-dir runs/paper      # + a watcher job probing the snapshots (slurm.watch)
 
 Layout of ``--output-dir``::
 
     pretrain/<name>/                     a pretraining run (``--pretrain NAME=CONFIG``)
+    pretrain/<name>/watch/               its watcher (``--watch PROBES``: a task of kind ``watch``
+                                         running ``slurm.watch``, no dependency; its probes inside)
     <backbone>/<task>-<config>/seed<k>/  a transfer task: metrics.json, checkpoints, log.txt,
                                          task.json (spec + job), task_state.json (state, error)
     jobs/<job id>/                       submitit's job folder (pickles, stdout/stderr logs)
@@ -199,7 +203,8 @@ def task_resources(td: TaskDef, arch: str, config: str, common: dict, own: dict 
 def plan(suite: Suite, out: Path, *, backbones: dict[str, str] | None = None, pretrains: dict[str, str] | None = None,
          seeds: list[int] = (0,), data_root: str | None = None, tasks: list[str] | None = None,
          arch: str | None = None, cfg_options: list[str] | None = None, pretrain_cfg_options: list[str] | None = None,
-         resources: dict | None = None, pretrain_resources: dict | None = None) -> list[TaskSpec]:
+         resources: dict | None = None, pretrain_resources: dict | None = None,
+         watch: list[str] | None = None, every: int = 1) -> list[TaskSpec]:
     """The task list: pretraining specs first, then suite tasks × backbones × seeds.
 
     Args:
@@ -207,6 +212,8 @@ def plan(suite: Suite, out: Path, *, backbones: dict[str, str] | None = None, pr
             their transfer tasks use ``pretrain:<dir>`` and depend on the pretraining.
         arch: the backbones' architecture (selects per-arch presets / resources); default: read from
             each checkpoint's ``args.model``, else the suite's default.
+        watch, every: probes (:mod:`benchmarks.suites.probes`) a watcher task (``slurm.watch``, kind
+            ``watch``) runs on every ``every``-th snapshot of each pretraining, while it runs.
 
     Raises:
         UserError: no backbone at all, a missing checkpoint, a name used twice, a bad preset, bad seeds.
@@ -253,6 +260,13 @@ def plan(suite: Suite, out: Path, *, backbones: dict[str, str] | None = None, pr
                               seed=int(seeds[0]), output_dir=str(d), data_root=data_root, resources=res.to_dict(),
                               arch=a, cfg_options=list(pretrain_cfg_options or []), args=list(td.args)))
         sources[name] = (PRETRAIN_PREFIX + str(d), a, [f"pretrain/{name}"])
+    if watch:
+        from .watch import watch_spec
+        if not pretrains:
+            raise UserError("--watch: needs --pretrain (it probes the snapshots of those pretrainings)")
+        for name in pretrains:
+            pre = next(s for s in specs if s.id == f"pretrain/{name}")
+            specs.append(watch_spec(pre, watch, every))
     common, per_task = split_task_resources(resources, suite)
     for td in chosen:
         for name, (bb, a, deps) in sources.items():
@@ -379,6 +393,9 @@ def dispatch(specs: list[TaskSpec], out: Path, executor: str = "auto", opts: Clu
     opts = opts or ClusterOptions()
     kind = resolve_executor(executor)
     out = Path(out).resolve()
+    for s in specs:  # a watcher submits its probes where the suite runs
+        if s.kind == "watch" and "--executor" in s.args:
+            s.args[s.args.index("--executor") + 1] = kind
     why = nested_suite(out)
     if why:
         raise UserError(f"{out}: --output-dir {why}; give every suite its own folder")
@@ -535,8 +552,9 @@ def _run_graph(sub: Submission, todo: list[TaskSpec], kind: str, folder: Path, o
 
     while pending or running:
         for s in list(pending):
-            if len(running) >= max(1, opts.array_parallelism):
-                break
+            busy = sum(1 for tid in running if not tid.endswith("/watch"))  # watchers (mostly asleep) not counted
+            if s.kind != "watch" and busy >= max(1, opts.array_parallelism):
+                continue
             bad = [d for d in s.depends_on if d in failed_ids]
             if bad:
                 pending.remove(s)
@@ -622,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="on Slurm, wait for every job and print outcomes")
     p.add_argument("--no-leaderboard", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the task list and resources, submit nothing")
+    p.add_argument("--watch", nargs="+", default=None, metavar="PROBE",
+                   help="probe each --pretrain snapshot while it runs (knn, linprobe_fast, ...; slurm.watch)")
+    p.add_argument("--every", type=int, default=1, help="with --watch: probe every N-th epoch's snapshot")
     return p
 
 
@@ -634,7 +655,8 @@ def specs_from_args(args, suite: Suite) -> list[TaskSpec]:
                 seeds=args.seeds, data_root=data_root, tasks=args.tasks, arch=args.arch,
                 cfg_options=args.cfg_options, pretrain_cfg_options=args.pretrain_cfg_options,
                 resources=parse_kv(args.resources, "--resources"),
-                pretrain_resources=parse_kv(args.pretrain_resources, "--pretrain-resources"))
+                pretrain_resources=parse_kv(args.pretrain_resources, "--pretrain-resources"),
+                watch=args.watch, every=args.every)
 
 
 def options_from_args(args, kind: str) -> ClusterOptions:

@@ -171,6 +171,39 @@ def test_interrupted_run_resumes_to_identical_losses_and_weights(straight, tmp_p
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert "resumed from" in (out / "log.txt").read_text()
+    # the cumulative compute survives the resume: the same totals as the uninterrupted run
+    ca, cb = a["compute"], b["compute"]
+    assert (cb["epoch"], cb["images_seen"], cb["flops"]) == (ca["epoch"], ca["images_seen"], ca["flops"])
+    assert cb["wall_time_s"] == pytest.approx(sum(x["time_s"] for x in lines))
+
+
+def test_snapshots_record_cumulative_compute(straight):
+    """Each snapshot (checkpoint and snapshots.json) carries images seen, wall time, device-hours and
+    FLOPs, cumulative and monotone, FLOPs = images x the counted forward+backward FLOPs per image."""
+    from crossmae.checkpoint import read_snapshots
+    from crossmae.compute import flops_per_image
+    out, metrics = straight
+    listed = read_snapshots(out)
+    assert [e["step"] for e in listed] == [1, 2] and [e["file"] for e in listed] == ["checkpoint-1.pth",
+                                                                                   "checkpoint-2.pth"]
+    hist = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    model = create_model("crossmae_vit_tiny_patch16", img_size=64, decoder_depth=2, weight_fm=True, use_fm=[-1],
+                         use_input=True)
+    fpi = flops_per_image(model, 0.75, 0.25)
+    assert fpi > 0
+    prev = None
+    for e in listed:
+        c = safe_torch_load(out / e["file"])["compute"]
+        assert {k: e[k] for k in c} == c  # the list holds the checkpoint's own record
+        done = hist[:e["step"] + 1]
+        assert c["images_seen"] == sum(h["images"] for h in done) == 16 // 8 * 8 * (e["step"] + 1)
+        assert c["wall_time_s"] == pytest.approx(sum(h["time_s"] for h in done))
+        assert c["device_hours"] == pytest.approx(c["wall_time_s"] / 3600) and c["device_type"] == "cpu"
+        assert c["flops_per_image"] == fpi and c["flops"] == c["images_seen"] * fpi
+        if prev:
+            assert all(c[k] > prev[k] for k in ("images_seen", "wall_time_s", "device_hours", "flops"))
+        prev = c
+    assert metrics["compute"] == prev
 
 
 def test_explicit_resume_file_continues_in_a_new_directory(straight, tmp_path, data_root, optimizer_steps):

@@ -7,7 +7,8 @@ expands a suite into tasks × backbones × seeds.
 
 Suites: ``smoke`` (every task, tiny settings for 2 CPU cores), ``paper`` (the reference protocols of
 REFERENCE.md for ViT-B and ViT-L on A100 nodes), ``selftest`` (a synthetic protocol task that checks
-a cluster's array / requeue / failure handling in seconds, used by the Slurm tests).
+a cluster's array / requeue / failure handling in seconds, used by the Slurm tests). The probes that
+``slurm.watch`` runs on pretraining snapshots are task entries too (:mod:`benchmarks.suites.probes`).
 """
 from __future__ import annotations
 

@@ -14,5 +14,5 @@ warmup_epochs = 1
 num_workers = 2
 pin_mem = False
 verify_images = True
-snapshot_period = 0
+snapshot_period = 1                    # a snapshot every epoch: the main job probes each one (slurm.watch)
 log_period = 5
