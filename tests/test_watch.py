@@ -24,7 +24,7 @@ from slurm import watch
 from slurm.status import collect as status_collect
 
 PRE = ["data_subset=16", "batch_size=4", "total_batch_size=8", "num_workers=0", "verify_images=False",
-       "warmup_epochs=1", "snapshot_freq=1", "tensorboard=True"]
+       "warmup_epochs=1", "snapshot_period=1", "tensorboard=True"]
 
 
 def _pretrain_argv(out: Path, data_root: Path, epochs: int, *opts: str) -> list[str]:
