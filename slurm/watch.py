@@ -245,7 +245,9 @@ class Watcher:
             return "done", None
         if st.state in ("failed", "cancelled"):
             return "failed", st.error or st.state
-        if a.get("executor") != "slurm" and not (d / STATE_JSON).is_file() and not _pid_alive(a.get("job_id")):
+        pid = a.get("job_id")  # a local job's id is its process id (a string in the state file)
+        pid = int(pid) if isinstance(pid, str) and pid.isdigit() else None
+        if a.get("executor") != "slurm" and not (d / STATE_JSON).is_file() and not _pid_alive(pid):
             return "failed", f"process {a.get('job_id')} ended before the task started"
         return "running", None
 
