@@ -26,7 +26,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from crossmae.utils import UserError, atomic_write_text
+from crossmae.utils import UserError, atomic_write_figure, atomic_write_text
 
 #: the watcher's folder inside a pretraining folder and its state file (written by slurm.watch)
 WATCH_DIR = "watch"
@@ -224,11 +224,7 @@ def plot(rows: list[dict], path: Path) -> Path:
             ax_e.legend(fontsize=7)
     fig.suptitle("Probe per snapshot during pretraining: MAE (blue) vs CrossMAE (orange)", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_figure(fig, path, dpi=100)
 
 
 def _svg(title: str, lines: dict, key: str, xlabel: str) -> str:

@@ -49,7 +49,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from crossmae.utils import UserError, atomic_write_text, check_writable, cli_entry, sha256_file
+from crossmae.utils import UserError, atomic_write_figure, atomic_write_text, check_writable, cli_entry, sha256_file
 
 from . import bootstrap, curves, reference
 from .render import fmt_metric, fmt_number, is_finite, is_number, md_text
@@ -642,16 +642,8 @@ def plot_figure(rows: list[dict]):
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    """:func:`plot_figure` written to ``path`` as PNG (atomic: a temporary file, then renamed)."""
-    import matplotlib.pyplot as plt
-    fig = plot_figure(rows)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    """:func:`plot_figure` written to ``path`` as PNG (:func:`crossmae.utils.atomic_write_figure`)."""
+    return atomic_write_figure(plot_figure(rows), path, dpi=100)
 
 
 def check_out(out: Path) -> dict[str, Path]:

@@ -141,6 +141,21 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     return _atomic_write(path, lambda f: f.write(data), binary=True)
 
 
+def atomic_write_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
+    """Render a matplotlib figure to PNG in memory and write it with :func:`atomic_write_bytes`
+    (never through a planted symlink or a guessable temporary name), then close the figure.
+    ``savefig_kwargs`` go to ``Figure.savefig`` (``dpi``, ``bbox_inches``, …). Returns the path."""
+    import io
+
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", **savefig_kwargs)
+    finally:
+        plt.close(fig)
+    return atomic_write_bytes(buf.getvalue(), path)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes (used to key caches and to identify checkpoints in results).
 

@@ -60,7 +60,7 @@ import torch
 from .attention import record_attention
 from .models import ARCHS, CrossMAE, MAE, create_model, parse_model_name, random_masking
 from .utils import UserError, atomic_write_bytes, atomic_write_json, cli_entry, resolve_data_root, safe_torch_load
-from .utils import check_writable
+from .utils import atomic_write_figure, check_writable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -397,11 +397,7 @@ def save_pil(img, path: Path) -> Path:
 
 
 def save_fig(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-    try:
-        return _write_png(lambda b: fig.savefig(b, format="png", dpi=120, bbox_inches="tight"), path)
-    finally:
-        plt.close(fig)
+    return atomic_write_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def contribution_rows(model: CrossMAE, imgs: torch.Tensor, dec: dict) -> tuple[list[list[np.ndarray]], list[str]]:
