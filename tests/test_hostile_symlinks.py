@@ -176,3 +176,25 @@ def test_suite_job_folder_that_is_a_symlink_is_refused(tmp_path, tiny_mae_offici
     with pytest.raises(UserError, match=r"jobs: job folder is a symlink"):
         dispatch(specs, out, "local", leaderboard=False, progress=None)
     assert sorted(p.name for p in victim.parent.iterdir()) == ["precious.txt"]
+
+
+def test_leaderboard_png_is_never_written_through_a_planted_temp_link(tmp_path):
+    """The PNGs (leaderboard, probe curves, figures) are rendered in memory and written through
+    crossmae.safeio: a link planted at the old fixed temporary name ``.leaderboard.png.tmp.png`` (or at
+    the PNG itself) never gets the image written into its target."""
+    from benchmarks.leaderboard import build
+    root = tmp_path / "runs"
+    (root / "b" / "t" / "seed0").mkdir(parents=True)
+    (root / "b" / "t" / "seed0" / "metrics.json").write_text(json.dumps(_metrics(seed=0)))
+    out = tmp_path / "board"
+    out.mkdir()
+    victim = _victim(tmp_path)
+    (out / ".leaderboard.png.tmp.png").symlink_to(victim)
+    paths = build(root, out / "leaderboard.csv", resamples=50)
+    assert victim.read_text() == "precious\n"
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not paths["png"].is_symlink()
+    (out / "leaderboard.png").unlink()
+    (out / "leaderboard.png").symlink_to(victim)
+    with pytest.raises(UserError, match=r"leaderboard.png: .*symlink"):
+        build(root, out / "leaderboard.csv", resamples=50)
+    assert victim.read_text() == "precious\n"
