@@ -86,10 +86,10 @@ def _placement(results) -> list[tuple[int, int, str]]:
 
 
 def _stable(m, root: Path):
-    """``m`` without :data:`VOLATILE` / timing fields, paths under ``root`` made relative."""
+    """``m`` without :data:`VOLATILE` / timing fields (wall time, device-hours), paths under ``root`` made relative."""
     if isinstance(m, dict):
         return {k: _stable(v, root) for k, v in m.items()
-                if k not in VOLATILE and "time" not in k and not k.endswith("_per_s")}
+                if k not in VOLATILE and "time" not in k and "hours" not in k and not k.endswith("_per_s")}
     if isinstance(m, list):
         return [_stable(v, root) for v in m]
     return m.replace(str(root), "<run>") if isinstance(m, str) else m
