@@ -347,10 +347,10 @@ def _lock(folder: Path, name: str, what: str):
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 os.close(fd)
-                raise UserError(f"{path}: waited {timeout:g} s for another process building the index of {what}; "
+                raise UserError(f"{path}: waited {timeout:g} s for another process to finish the index of {what}; "
                                 f"if none is running, remove the lock file (or raise {LOCK_TIMEOUT_ENV})") from None
             if not said:
-                _say(f"index: waiting for another process building the index of {what}")
+                _say(f"index: waiting for another process to finish the index of {what}")
                 said = True
             time.sleep(0.05)
 
