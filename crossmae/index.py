@@ -146,6 +146,26 @@ class StringTable(Sequence):
 
     def __init__(self, blob: np.ndarray, offsets: np.ndarray, prefix: str = ""):
         self.blob, self.off, self.prefix = blob, offsets, prefix
+        self._source: tuple | None = None
+
+    @classmethod
+    def of(cls, index: "Index", blob: str, offsets: str, prefix: str = "") -> "StringTable":
+        """The table of arrays ``blob`` / ``offsets`` of ``index``; pickles as a reference to the
+        index (its cache file), never as the arrays."""
+        t = cls(index[blob], index[offsets], prefix)
+        t._source = (index, blob, offsets)
+        return t
+
+    def __getstate__(self):
+        if self._source is None:
+            return self.__dict__
+        return {"_source": self._source, "prefix": self.prefix}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._source is not None:
+            index, blob, offsets = self._source
+            self.blob, self.off = index[blob], index[offsets]
 
     def __len__(self) -> int:
         return len(self.off) - 1
@@ -461,7 +481,7 @@ class PathLabels(Sequence):
     def __init__(self, index: Index, prefix: str, sel: np.ndarray | None = None):
         self.index = index
         self.prefix = prefix if index.meta.get("tails") else ""
-        self.paths = StringTable(index["path_blob"], index["path_off"], self.prefix)
+        self.paths = StringTable.of(index, "path_blob", "path_off", self.prefix)
         self.sel = sel
 
     @property

@@ -305,3 +305,46 @@ def test_coco_and_ade20k_indexes_equal_the_json_and_the_folder_scan(data_root):
     ade = next(p for p in data_root.rglob("ADEChallengeData2016") if p.is_dir())
     for split in ("training", "validation"):
         assert list(scan_split(ade, split)) == _scan_split(ade, split)
+
+
+def test_pickles_as_a_reference_to_the_cache_file(tmp_path, cache, data_root):
+    import pickle
+    from transfer.vitdet.data import CocoInstances
+    data = load_places365(_places_tree(tmp_path / "places", 20_000), "train", check_files=False)
+    blob = pickle.dumps(data.samples)
+    assert len(blob) < 4096, "a worker started with spawn must not receive a copy of the arrays"
+    assert list(pickle.loads(blob)) == list(data.samples)
+    coco = data_root / "coco"
+    ds = CocoInstances(coco / "annotations" / "instances_val2017.json", coco / "val2017", train=False)
+    back = pickle.loads(pickle.dumps(ds))
+    assert [back.images[i] for i in range(len(ds))] == [ds.images[i] for i in range(len(ds))]
+    assert back.index_fingerprint == ds.index_fingerprint
+
+
+def test_resume_on_a_changed_split_is_refused_naming_the_file(tmp_path, cache):
+    from crossmae.runs import RunDir
+    root = _places_tree(tmp_path / "places", 40)
+    lst = root / "places365_train_standard.txt"
+
+    def run_dir():
+        run = RunDir(tmp_path / "run", "places", {"config": {"x": 1}}, "x = 1\n")
+        data = load_places365(root, "train", check_files=False)   # inputs are read before start()
+        return run, data
+
+    run, data = run_dir()
+    run.start()
+    assert json.loads((run.out / "run.json").read_text())["data_index"] == {str(lst): data.index_fingerprint}
+    torch.save({"model": {}}, run.out / "checkpoint-latest.pth")
+    run.close()
+    again, _ = run_dir()          # same data: resumes
+    assert again.start().resume_from == run.out / "checkpoint-latest.pth"
+    again.close()
+    lst.write_text(lst.read_text().replace("/b/beach/00000000.jpg 1", "/a/airfield/00000000.jpg 0"))
+    changed, _ = run_dir()
+    with pytest.raises(UserError, match=rf"^{lst}: the data split changed since the run being resumed started"):
+        changed.start()
+    fresh, data = run_dir()
+    fresh.out = tmp_path / "run2"
+    res = fresh.start().finish({"metrics": {}})
+    assert res["data_index"] == {str(lst): data.index_fingerprint}
+    fresh.close()

@@ -119,8 +119,8 @@ class SampleTable(Sequence):
 
     def __init__(self, index, img_prefix: str, ann_prefix: str):
         self.index = index
-        self.images = StringTable(index["img_blob"], index["img_off"], img_prefix if index.meta["img_tails"] else "")
-        self.annotations = StringTable(index["ann_blob"], index["ann_off"], ann_prefix if index.meta["ann_tails"] else "")
+        self.images = StringTable.of(index, "img_blob", "img_off", img_prefix if index.meta["img_tails"] else "")
+        self.annotations = StringTable.of(index, "ann_blob", "ann_off", ann_prefix if index.meta["ann_tails"] else "")
 
     def __len__(self) -> int:
         return len(self.images)

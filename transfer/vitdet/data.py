@@ -169,7 +169,7 @@ class CocoImages(Sequence):
 
     def __init__(self, index):
         self.idx = index
-        self.names = StringTable(index["file_blob"], index["file_off"])
+        self.names = StringTable.of(index, "file_blob", "file_off")
 
     def __len__(self) -> int:
         return len(self.names)
@@ -191,7 +191,7 @@ class CocoAnnotations(Sequence):
 
     def __init__(self, index):
         self.idx = index
-        self.rle_str = StringTable(index["rle_blob"], index["rle_off"])
+        self.rle_str = StringTable.of(index, "rle_blob", "rle_off")
 
     def __len__(self) -> int:
         return len(self.idx["ann_off"]) - 1
