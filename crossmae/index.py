@@ -538,6 +538,35 @@ def _suffix(name: str) -> str:
     return name[i:] if 0 < i < len(name) - 1 else ""
 
 
+def _walk(top: str, extensions: tuple[str, ...]):
+    """``(folder, file names)`` of ``os.walk(top, followlinks=True)`` (top-down, unreadable folders
+    skipped), without one ``stat`` per image: an entry whose type the folder listing gives (regular
+    file, folder) is classified from it, as ``os.walk`` does; a symlink whose name ends with an image
+    extension is taken as an image (``os.walk`` would ``stat`` it to learn whether it links to a
+    folder); other symlinks are ``stat``-ed. Differs from ``os.walk`` only for a symlink to a folder
+    named like an image."""
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        try:
+            it = os.scandir(d)
+        except OSError:
+            continue
+        files, dirs = [], []
+        with it:
+            for e in it:
+                try:
+                    if e.is_symlink() and e.name.lower().endswith(extensions):
+                        is_dir = False
+                    else:
+                        is_dir = e.is_dir()
+                except OSError:
+                    is_dir = False
+                (dirs if is_dir else files).append(e.name)
+        yield d, files
+        stack.extend(os.path.join(d, x) for x in reversed(dirs))
+
+
 def imagefolder_index(d: str | os.PathLike, classes: Sequence[str] | None, extensions: tuple[str, ...],
                       recursive: bool, errors: Callable[[str, str], Exception]) -> tuple[Index, list[str]]:
     """The index of an ImageFolder split ``d`` (``<d>/<class>/<image>``) and its class list.
@@ -547,7 +576,7 @@ def imagefolder_index(d: str | os.PathLike, classes: Sequence[str] | None, exten
     - ``recursive=True``: torchvision ``DatasetFolder`` (``find_classes`` + ``make_dataset``): classes
       = sorted sub-folder names, files of each class from ``sorted(os.walk(class_dir, followlinks=True))``
       then sorted names, kept when ``path.lower()`` ends with one of ``extensions``; paths are
-      ``os.path.join(d, class, ..., name)``.
+      ``os.path.join(d, class, ..., name)``. The walk is :func:`_walk` (no ``stat`` per image).
     - ``recursive=False``: ``transfer.classification.data.load_imagefolder``: sorted class folders
       (``classes`` = the train split's, when given), sorted entries whose ``PurePath.suffix.lower()``
       is in ``extensions``; paths ``str(Path(d) / class / name)``.
@@ -579,7 +608,7 @@ def imagefolder_index(d: str | os.PathLike, classes: Sequence[str] | None, exten
                 if not os.path.isdir(target):
                     continue
                 n0 = len(samples)
-                for walk_root, _, fnames in sorted(os.walk(target, followlinks=True)):
+                for walk_root, fnames in sorted(_walk(target, extensions)):
                     sources.append(dir_source(walk_root))
                     for f in sorted(fnames):
                         path = os.path.join(walk_root, f)

@@ -246,6 +246,30 @@ def test_pretrain_imagefolder_equals_torchvision(data_root):
     assert list(sub.samples) == [ref.samples[int(i * step)] for i in range(7)]
 
 
+def test_recursive_walk_equals_torchvision_on_an_odd_tree(tmp_path, data_root):
+    from torchvision import datasets
+    from crossmae.data import PretrainImageFolder
+    jpg = next((data_root / "imagenet" / "train").rglob("*.JPEG"))
+    root = tmp_path / "odd"
+    for rel in ("b/1.JPEG", "b/sub/deeper/0.png", "b/sub/2.jpg", "a/Z.JPG", "a/y.txt", "a/.hidden.jpeg",
+                "outside/3.jpg", "outside/4.webp"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(jpg.read_bytes())
+    (root / "a" / "link.jpg").symlink_to(jpg)                 # a symlinked image
+    (root / "a" / "linkdir").symlink_to(root / "outside")     # a symlinked folder: walked into
+    (root / "a" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (root / "c").mkdir()
+    (root / "c" / "x.jpg").mkdir()                            # a folder named like an image: walked into
+    (root / "c" / "x.jpg" / "5.jpg").write_bytes(jpg.read_bytes())
+    import shutil
+    shutil.move(root / "outside", tmp_path / "outside")
+    (root / "a" / "linkdir").unlink()
+    (root / "a" / "linkdir").symlink_to(tmp_path / "outside")
+    ref = datasets.ImageFolder(str(root))
+    ours = PretrainImageFolder(root)
+    assert list(ours.samples) == ref.samples and ours.classes == ref.classes
+
+
 def test_classification_loaders_equal_the_original_code(data_root):
     # ImageFolder: the original load_imagefolder listing
     d = data_root / "imagenet" / "train"
