@@ -5,7 +5,8 @@
     python -m benchmarks.data_scale --datasets places365 --keep --scratch /big/disk/tmp
 
 Builds trees with the real datasets' file counts and list / json layouts in a scratch folder
-(removed at the end unless ``--keep``), every image a symlink to one of the bundled JPEGs:
+(removed at the end unless ``--keep``), every image a symlink (short relative target) to a copy of
+one of the bundled JPEGs in that folder:
 
 * ``imagenet``: ImageNet-1k ``train/`` 1,281,167 images and ``val/`` 50,000 in 1000 class folders;
 * ``places365``: Places365-Standard, 1,803,460 train + 36,500 val list lines, 365 categories;
@@ -59,11 +60,36 @@ LOADERS = {"imagenet": ("pretrain", "imagefolder"), "places365": ("places365",),
 # --------------------------------------------------------------------------------------------------
 # trees
 # --------------------------------------------------------------------------------------------------
-def _jpegs(data_root: Path, sub: str) -> list[str]:
-    files = sorted(str(p) for p in (data_root / sub).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+def _jpegs(data_root: Path, sub: str, scratch: Path) -> list[str]:
+    """Copies of the bundled JPEGs of ``sub`` in ``scratch/src-<sub>``: the trees' links point there
+    with short relative targets (kept inside the inode, as a link to a nearby file is; a long absolute
+    target costs a block read per link on a cold page cache, which would dominate the figures)."""
+    files = sorted(p for p in (data_root / sub).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
         raise UserError(f"{data_root / sub}: no bundled JPEGs to link to")
-    return files
+    dest = scratch / ("src-" + sub.replace("/", "-"))
+    dest.mkdir(exist_ok=True)
+    out = []
+    for k, f in enumerate(files):
+        q = dest / f"{k}{f.suffix}"
+        if not q.exists():
+            shutil.copyfile(f, q)
+        out.append(str(q))
+    return out
+
+
+class _Linker:
+    """``link(k, path)``: a symlink at ``path`` to source image ``k % len(src)`` by a relative target."""
+
+    def __init__(self, src: list[str]):
+        self.src, self.base, self.rel = src, os.path.dirname(src[0]), {}
+
+    def __call__(self, k: int, path: Path | str) -> None:
+        d = os.path.dirname(path)
+        rel = self.rel.get(d)
+        if rel is None:
+            rel = self.rel[d] = os.path.relpath(self.base, d)
+        os.symlink(f"{rel}/{os.path.basename(self.src[k % len(self.src)])}", path)
 
 
 def _counts(total: int, k: int) -> list[int]:
@@ -71,18 +97,19 @@ def _counts(total: int, k: int) -> list[int]:
 
 
 def make_imagenet(dest: Path, src: list[str], n_train: int, n_val: int, k: int) -> None:
-    j = 0
+    j, link = 0, _Linker(src)
     for split, n in (("train", n_train), ("val", n_val)):
         for c, m in enumerate(_counts(n, k)):
             d = dest / split / f"n{c:08d}"
             d.mkdir(parents=True)
             for i in range(m):
-                os.symlink(src[j % len(src)], d / f"n{c:08d}_{i}.JPEG")
+                link(j, d / f"n{c:08d}_{i}.JPEG")
                 j += 1
 
 
 def make_places(dest: Path, src: list[str], n_train: int, n_val: int, k: int) -> None:
     dest.mkdir(parents=True)
+    link = _Linker(src)
     names = [f"/{chr(97 + c % 26)}/category_{c:03d}" for c in range(k)]
     (dest / "categories_places365.txt").write_text("".join(f"{n} {c}\n" for c, n in enumerate(names)))
     j, lines = 0, []
@@ -90,14 +117,14 @@ def make_places(dest: Path, src: list[str], n_train: int, n_val: int, k: int) ->
         d = dest / "data_256" / names[c].lstrip("/")
         d.mkdir(parents=True)
         for i in range(m):
-            os.symlink(src[j % len(src)], d / f"{i + 1:08d}.jpg")
+            link(j, d / f"{i + 1:08d}.jpg")
             lines.append(f"{names[c]}/{i + 1:08d}.jpg {c}\n")
             j += 1
     (dest / "places365_train_standard.txt").write_text("".join(lines))
     (dest / "val_256").mkdir()
     lines = []
     for i in range(n_val):
-        os.symlink(src[j % len(src)], dest / "val_256" / f"Places365_val_{i + 1:08d}.jpg")
+        link(j, dest / "val_256" / f"Places365_val_{i + 1:08d}.jpg")
         lines.append(f"Places365_val_{i + 1:08d}.jpg {i % k}\n")
         j += 1
     (dest / "places365_val.txt").write_text("".join(lines))
@@ -106,7 +133,7 @@ def make_places(dest: Path, src: list[str], n_train: int, n_val: int, k: int) ->
 def make_inat(dest: Path, src: list[str], n_train: int, n_val: int, k: int) -> None:
     cats = [{"id": c, "name": f"Species {c}", "kingdom": "Plantae", "phylum": "Tracheophyta", "class": "C",
              "order": "O", "family": "F", "genus": f"G{c // 4}"} for c in range(k)]
-    j, image_id = 0, 0
+    j, image_id, link = 0, 0, _Linker(src)
     for split, n in (("train", n_train), ("val", n_val)):
         images, anns = [], []
         for c, m in enumerate(_counts(n, k)):
@@ -114,7 +141,7 @@ def make_inat(dest: Path, src: list[str], n_train: int, n_val: int, k: int) -> N
             d.mkdir(parents=True, exist_ok=True)
             for i in range(m):
                 rel = f"train_val2019/Plantae/{c}/{split}_{image_id:08x}.jpg"
-                os.symlink(src[j % len(src)], dest / rel)
+                link(j, dest / rel)
                 images.append({"license": 1, "file_name": rel, "width": 800, "height": 600, "id": image_id})
                 anns.append({"image_id": image_id, "id": image_id, "category_id": c})
                 j, image_id = j + 1, image_id + 1
@@ -130,6 +157,7 @@ def make_coco(dest: Path, src: list[str], n_img: int, n_inst: int, k: int) -> No
             sizes.append(im.size)
     img_dir = dest / "train2017"
     img_dir.mkdir(parents=True)
+    link = _Linker(src)
     (dest / "annotations").mkdir()
     rng = np.random.default_rng(0)
     # a pool of pre-formatted polygons (formatting 50 M numbers would dominate), reused cyclically
@@ -150,7 +178,7 @@ def make_coco(dest: Path, src: list[str], n_img: int, n_inst: int, k: int) -> No
         for i in range(n_img):
             w, h = sizes[i % len(src)]
             name = f"{i + 1:012d}.jpg"
-            os.symlink(src[i % len(src)], img_dir / name)
+            link(i, img_dir / name)
             f.write(("," if i else "") + json.dumps({"license": 1, "file_name": name, "height": h, "width": w,
                                                       "id": i + 1}))
         f.write('], "annotations": [')
@@ -301,7 +329,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the memory pass (0 = skip)")
     p.add_argument("--data-root", default=None, help="the bundled data (JPEGs to link to)")
     p.add_argument("--scratch", default=None, help="folder for the trees and the index cache (default: a temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder (trees and cache)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-root", help=argparse.SUPPRESS)
@@ -338,7 +366,7 @@ def main(argv=None):
             tree, cache = scratch / "data", scratch / "cache"
             t0 = time.perf_counter()
             maker = {"imagenet": make_imagenet, "places365": make_places, "inat2019": make_inat, "coco": make_coco}[d]
-            src = _jpegs(data_root, "coco/train2017" if d == "coco" else "imagenet/train")
+            src = _jpegs(data_root, "coco/train2017" if d == "coco" else "imagenet/train", scratch)
             print(f"{d}: making the tree ({a} + {b}) ...", file=sys.stderr, flush=True)
             maker(tree / d, src, a, b, k)
             doc["trees"][d] = {"counts": [a, b, k], "make_s": round(time.perf_counter() - t0, 1)}
@@ -353,7 +381,8 @@ def main(argv=None):
                                           "cache_mb": sum(f.stat().st_size for f in cache.glob("*.idx")) / 2 ** 20}
                 print(f"{loader}: {doc['loaders'][loader]}", file=sys.stderr, flush=True)
                 save()
-            shutil.rmtree(tree / d)
+            if not args.keep:
+                shutil.rmtree(tree / d)
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
