@@ -378,6 +378,53 @@ def _lock(folder: Path, name: str, what: str):
 Builder = Callable[[], tuple[dict[str, np.ndarray], dict, list[dict]]]
 
 
+def _in_child(fn: Callable[[], None]) -> None:
+    """Run ``fn`` in a forked child process and re-raise its exception here (pickled; a traceback
+    text when it cannot be pickled). The millions of temporary Python objects of a build (a parsed
+    json, path strings) then never fragment this process's heap: it only maps the written file."""
+    import pickle
+    import traceback
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # child: never returns
+        os.close(r)
+        status = 0
+        try:
+            try:
+                fn()
+                msg = pickle.dumps(None)
+            except BaseException as exc:  # noqa: BLE001  (sent to the parent)
+                try:   # input errors as they are; a bug with the child's traceback
+                    if not isinstance(exc, (UserError, OSError)):
+                        raise TypeError
+                    msg = pickle.dumps(exc)
+                    pickle.loads(msg)
+                except Exception:  # noqa: BLE001
+                    msg = pickle.dumps(RuntimeError("index build failed in the child process:\n"
+                                                    + "".join(traceback.format_exception(exc))))
+            view = memoryview(msg)
+            while view:
+                view = view[os.write(w, view):]
+        except BaseException:  # noqa: BLE001
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(w)
+    chunks = []
+    with os.fdopen(r, "rb") as f:
+        while True:
+            b = f.read(1 << 16)
+            if not b:
+                break
+            chunks.append(b)
+    _, status = os.waitpid(pid, 0)
+    if not chunks:
+        raise RuntimeError(f"index build process {pid} died (wait status {status})")
+    exc = pickle.loads(b"".join(chunks))
+    if exc is not None:
+        raise exc
+
+
 def load_or_build(kind: str, root: str | os.PathLike, source: str | os.PathLike, params: dict, build: Builder,
                   validate: Callable[[Index], None] | None = None) -> Index:
     """The index of one dataset split, from the cache when it is current, else built (once per cache
@@ -434,18 +481,20 @@ def load_or_build(kind: str, root: str | os.PathLike, source: str | os.PathLike,
                 why = why2 or why
                 _say(f"index: building the index of {what}" + (f" (cache {path.name}: {why})" if why else "")
                      + f" in {folder}")
-                t0 = time.perf_counter()
-                arrays, meta, sources = build()
-                for s in sources:
-                    if not s.get("dir"):
-                        s["sha256"] = sha256_file(s["path"])
-                header = {"version": INDEX_VERSION, "kind": kind, "key": key, "params": params, "source": what,
-                          "root": str(root), "meta": meta, "sources": sources,
-                          "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_s": 0.0}
-                header["fingerprint"] = _fingerprint(header, arrays)
-                header["build_s"] = round(time.perf_counter() - t0, 3)
-                _write_cache(path, header, arrays)
-                del arrays
+                def build_and_write():
+                    t0 = time.perf_counter()
+                    arrays, meta, sources = build()
+                    for s in sources:
+                        if not s.get("dir"):
+                            s["sha256"] = sha256_file(s["path"])
+                    header = {"version": INDEX_VERSION, "kind": kind, "key": key, "params": params, "source": what,
+                              "root": str(root), "meta": meta, "sources": sources,
+                              "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_s": 0.0}
+                    header["fingerprint"] = _fingerprint(header, arrays)
+                    header["build_s"] = round(time.perf_counter() - t0, 3)
+                    _write_cache(path, header, arrays)
+
+                _in_child(build_and_write)
                 idx, why3 = attempt()
                 if idx is None:
                     raise UserError(f"{path}: the index just written cannot be read back ({why3})")

@@ -372,3 +372,21 @@ def test_resume_on_a_changed_split_is_refused_naming_the_file(tmp_path, cache):
     res = fresh.start().finish({"metrics": {}})
     assert res["data_index"] == {str(lst): data.index_fingerprint}
     fresh.close()
+
+
+def test_build_runs_in_a_child_and_its_errors_come_back(tmp_path, cache):
+    def bad_input():
+        raise UserError(f"{tmp_path}: broken list")
+
+    def bug():
+        return {}["missing"]
+
+    with pytest.raises(UserError, match="broken list"):
+        I.load_or_build("test", tmp_path, tmp_path, {"n": 1}, bad_input)
+    with pytest.raises(RuntimeError, match=r"(?s)index build failed in the child process.*KeyError: 'missing'"):
+        I.load_or_build("test", tmp_path, tmp_path, {"n": 2}, bug)
+    made = []
+    idx = I.load_or_build("test", tmp_path, tmp_path, {"n": 3},
+                          lambda: made.append(1) or ({"a": np.arange(5)}, {"m": 1}, [I.dir_source(tmp_path)]))
+    assert not made, "the build ran in the child process, not here"
+    assert idx["a"].tolist() == [0, 1, 2, 3, 4] and not idx["a"].flags.writeable and idx.meta == {"m": 1}

@@ -17,6 +17,7 @@ with the targets for polygon mask targets; RLE (crowd) masks are bitmasks transf
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -364,7 +365,13 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+    """A finite JSON number (bool excluded; an int too large for float64 is not)."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return isinstance(v, int) and not isinstance(v, bool) and -_FLOAT_MAX <= v <= _FLOAT_MAX
+
+
+_FLOAT_MAX = float(np.finfo(np.float64).max)
 
 
 def validate_coco_json(path: Path, data: dict) -> None:
