@@ -375,6 +375,8 @@ def test_resume_on_a_changed_split_is_refused_naming_the_file(tmp_path, cache):
 
 
 def test_build_runs_in_a_child_and_its_errors_come_back(tmp_path, cache):
+    data = tmp_path / "data"
+    data.mkdir()
     def bad_input():
         raise UserError(f"{tmp_path}: broken list")
 
@@ -382,11 +384,11 @@ def test_build_runs_in_a_child_and_its_errors_come_back(tmp_path, cache):
         return {}["missing"]
 
     with pytest.raises(UserError, match="broken list"):
-        I.load_or_build("test", tmp_path, tmp_path, {"n": 1}, bad_input)
+        I.load_or_build("test", data, data, {"n": 1}, bad_input)
     with pytest.raises(RuntimeError, match=r"(?s)index build failed in the child process.*KeyError: 'missing'"):
-        I.load_or_build("test", tmp_path, tmp_path, {"n": 2}, bug)
+        I.load_or_build("test", data, data, {"n": 2}, bug)
     made = []
-    idx = I.load_or_build("test", tmp_path, tmp_path, {"n": 3},
-                          lambda: made.append(1) or ({"a": np.arange(5)}, {"m": 1}, [I.dir_source(tmp_path)]))
+    idx = I.load_or_build("test", data, data, {"n": 3},
+                          lambda: made.append(1) or ({"a": np.arange(5)}, {"m": 1}, [I.dir_source(data)]))
     assert not made, "the build ran in the child process, not here"
     assert idx["a"].tolist() == [0, 1, 2, 3, 4] and not idx["a"].flags.writeable and idx.meta == {"m": 1}
