@@ -358,7 +358,11 @@ def _lock(folder: Path, name: str, what: str):
     Returns the fd. Raises UserError on timeout."""
     timeout = float(os.environ.get(LOCK_TIMEOUT_ENV, "3600"))
     path = folder / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot open the index lock file ({exc.strerror}); set {CACHE_ENV} to a "
+                        f"writable folder") from None
     deadline, said = time.monotonic() + timeout, False
     while True:
         try:
@@ -492,7 +496,11 @@ def load_or_build(kind: str, root: str | os.PathLike, source: str | os.PathLike,
                               "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_s": 0.0}
                     header["fingerprint"] = _fingerprint(header, arrays)
                     header["build_s"] = round(time.perf_counter() - t0, 3)
-                    _write_cache(path, header, arrays)
+                    try:
+                        _write_cache(path, header, arrays)
+                    except OSError as exc:
+                        raise UserError(f"{path}: cannot write the index cache ({exc.strerror or exc}); "
+                                        f"free space or set {CACHE_ENV}") from None
 
                 _in_child(build_and_write)
                 idx, why3 = attempt()

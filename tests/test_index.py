@@ -392,3 +392,21 @@ def test_build_runs_in_a_child_and_its_errors_come_back(tmp_path, cache):
                           lambda: made.append(1) or ({"a": np.arange(5)}, {"m": 1}, [I.dir_source(data)]))
     assert not made, "the build ran in the child process, not here"
     assert idx["a"].tolist() == [0, 1, 2, 3, 4] and not idx["a"].flags.writeable and idx.meta == {"m": 1}
+
+
+def test_unwritable_cache_folder_is_one_line(tmp_path, cache, monkeypatch):
+    root = _places_tree(tmp_path / "places", 5)
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv(I.CACHE_ENV, str(tmp_path / "afile"))
+    with pytest.raises(UserError, match=r"afile: cannot create the index cache folder"):
+        load_places365(root, "train", check_files=False)
+    monkeypatch.setenv(I.CACHE_ENV, str(cache))
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder")
+    cache.mkdir()
+    cache.chmod(0o500)
+    try:
+        with pytest.raises(UserError, match=r"cannot open the index lock file"):
+            load_places365(root, "train", check_files=False)
+    finally:
+        cache.chmod(0o700)
