@@ -116,20 +116,50 @@ def load_rgb_turbo(path: str) -> Image.Image:
 _LOADERS = {"pil": load_rgb, "torchvision": load_rgb_turbo}
 
 
-class PretrainImageFolder(datasets.ImageFolder):
+class _IndexedImageFolder(datasets.ImageFolder):
+    """A torchvision ``ImageFolder`` whose sample list comes from the cached dataset index
+    (:func:`crossmae.index.imagefolder_index`, torchvision's order and extension rule exactly):
+    ``samples`` is a :class:`crossmae.index.PathLabels` over memory-mapped arrays, ``targets`` an
+    int32 array; nothing per image is a Python object, so DataLoader workers copy nothing.
+    ``subset`` keeps ``n`` images spread evenly over the sorted file list (every ``len/n``-th).
+
+    Raises:
+        FileNotFoundError: no class folder, or a class folder without images (torchvision's errors).
+    """
+
+    def __init__(self, root: str | os.PathLike, loader, transform=None, subset: int | None = None):
+        from .index import PathLabels, imagefolder_index
+
+        datasets.VisionDataset.__init__(self, str(root), transform=transform)
+        idx, classes = imagefolder_index(str(root), None, IMG_EXTENSIONS, recursive=True, errors=_tv_error)
+        self.loader, self.extensions = loader, IMG_EXTENSIONS
+        self.classes, self.class_to_idx = classes, {c: i for i, c in enumerate(classes)}
+        self.samples = PathLabels(idx, os.path.join(os.path.expanduser(str(root)), ""))
+        if subset is not None and 0 < subset < len(self.samples):
+            step = len(self.samples) / subset
+            self.samples = self.samples.select([int(i * step) for i in range(subset)])
+        self.imgs = self.samples
+        self.targets = self.samples.labels
+        self.index_fingerprint = idx.fingerprint
+
+
+def _tv_error(kind: str, detail: str) -> FileNotFoundError:
+    if kind == "no_classes":
+        return FileNotFoundError(f"Couldn't find any class folder in {detail}.")
+    return FileNotFoundError(f"Found no valid file for the classes {detail}. "
+                             f"Supported extensions are: {', '.join(IMG_EXTENSIONS)}")
+
+
+class PretrainImageFolder(_IndexedImageFolder):
     """``torchvision.datasets.ImageFolder`` whose loader raises :class:`CorruptImageError` naming the file.
 
     Items are ``(image (3, S, S) float32, class index)``; ``subset`` keeps ``n`` images spread evenly
-    over the sorted file list (every ``len/n``-th), for smoke runs.
+    over the sorted file list (every ``len/n``-th), for smoke runs. The sample list is the cached
+    dataset index (:class:`_IndexedImageFolder`).
     """
 
     def __init__(self, root: str | os.PathLike, transform=None, subset: int | None = None, decoder: str = "pil"):
-        super().__init__(str(root), transform=transform, loader=_LOADERS[decoder])
-        if subset is not None and 0 < subset < len(self.samples):
-            step = len(self.samples) / subset
-            self.samples = [self.samples[int(i * step)] for i in range(subset)]
-            self.imgs = self.samples
-            self.targets = [t for _, t in self.samples]
+        super().__init__(root, _LOADERS[decoder], transform=transform, subset=subset)
 
 
 def build_pretrain_dataset(folder: str | os.PathLike, input_size: int, subset: int | None = None,
@@ -224,7 +254,7 @@ def encoded_collate(batch: list) -> tuple[list[dict], torch.Tensor]:
     return [s for s, _ in batch], torch.tensor([t for _, t in batch], dtype=torch.long)
 
 
-class EncodedPretrainFolder(datasets.ImageFolder):
+class EncodedPretrainFolder(_IndexedImageFolder):
     """The GPU pipeline's dataset: items are ``(sample, class index)`` where ``sample`` is a dict
 
     - ``"path"``: the file;
@@ -233,20 +263,16 @@ class EncodedPretrainFolder(datasets.ImageFolder):
       (CMYK, YCCK: decoded by PIL, whose conversion the CPU path uses);
     - ``"crop"``: ``(i, j, h, w, flip)`` from :func:`sample_crop_flip` (header-only read of the size).
 
-    Batch with :func:`encoded_collate`; augment with :class:`GPUBatchAugment`.
+    Batch with :func:`encoded_collate`; augment with :class:`GPUBatchAugment`. The sample list is
+    the cached dataset index (:class:`_IndexedImageFolder`).
 
     Raises (from ``__getitem__``):
         CorruptImageError: the file cannot be read or is not an image (one line naming it).
     """
 
     def __init__(self, root: str | os.PathLike, input_size: int, subset: int | None = None):
-        super().__init__(str(root), loader=_read_bytes)
+        super().__init__(root, _read_bytes, subset=subset)
         self.input_size = input_size
-        if subset is not None and 0 < subset < len(self.samples):
-            step = len(self.samples) / subset
-            self.samples = [self.samples[int(i * step)] for i in range(subset)]
-            self.imgs = self.samples
-            self.targets = [t for _, t in self.samples]
 
     collate_fn = staticmethod(encoded_collate)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .safeio import check_schema, load_json, open_in_dir, read_regular, real_dir
+from .index import index_mark, loaded_since
 from .utils import (check_writable, REPO_ROOT, UserError, atomic_write_json, atomic_write_text, config_hash, is_main_process,
                     load_config, safe_torch_load, sha256_file)
 
@@ -170,6 +171,8 @@ class RunDir:
             self.explicit_resume = Path(resume)
             if not self.explicit_resume.is_file():
                 raise UserError(f"--resume {self.explicit_resume}: checkpoint file not found")
+        self._index_mark = index_mark()   # the dataset indexes loaded from here on are this run's
+        self.data_index: dict[str, str] = {}
         self.finished = self._check_finished()
 
     # --- phase 1: read-only checks -------------------------------------------------------------
@@ -211,6 +214,7 @@ class RunDir:
                 if self._check_finished() is not None:
                     raise UserError(f"{self.out / 'metrics.json'}: the same run finished in another process "
                                     f"while this one was validating its inputs; nothing to do")
+            self.data_index = loaded_since(self._index_mark)
             self._check_resume()
             self._state = self._read_state(required)
         except UserError:
@@ -220,7 +224,8 @@ class RunDir:
             self._write_holder()
             self._clean_stale()
             atomic_write_text(self.config_text, self.out / "config.py")
-            atomic_write_json({"hash": self.hash, "identity": self.identity}, self.out / RUN_RECORD)
+            atomic_write_json({"hash": self.hash, "identity": self.identity, "data_index": self.data_index},
+                              self.out / RUN_RECORD)
         return self
 
     def _check_resume(self) -> None:
@@ -231,6 +236,12 @@ class RunDir:
                 raise UserError(f"{latest}: the run being resumed used another config (differs in: "
                                 f"{_identity_diff(rec['identity'], self.identity)}); use the same config or a "
                                 f"new --output-dir")
+            old = (rec or {}).get("data_index")
+            for src, fp in (old.items() if isinstance(old, dict) else ()):
+                if src in self.data_index and self.data_index[src] != fp:
+                    raise UserError(f"{src}: the data split changed since the run being resumed started (index "
+                                    f"fingerprint {fp[:12]} -> {self.data_index[src][:12]}); restore it or use a "
+                                    f"new --output-dir")
             if rec is None and os.path.lexists(self.out / "config.py") and \
                     read_regular(self.out / "config.py", self.out).decode(errors="replace") != self.config_text:
                 raise UserError(f"{self.out / 'config.py'}: the run being resumed used a different config; "
@@ -325,6 +336,7 @@ class RunDir:
         result.setdefault("code_version", code_version())
         for k, v in layout_record(result.get("device")).items():  # world_size, num_nodes, devices_per_node, ...
             result.setdefault(k, v)
+        result.setdefault("data_index", self.data_index)
         pred = result.get("predictions")
         if self.main and pred is not None and not (self.out / pred).is_file():
             raise RuntimeError(f"predictions file {self.out / pred} was not written")

@@ -12,6 +12,20 @@ from crossmae.utils import resolve_data_root
 
 
 
+@pytest.fixture(scope="session", autouse=True)
+def index_cache(tmp_path_factory) -> Path:
+    """Every test (and every command it starts) keeps its dataset indexes in one fresh cache folder
+    (``$CROSSMAE_INDEX_CACHE``), never in the user's ``~/.cache``."""
+    folder = tmp_path_factory.mktemp("index-cache")
+    old = os.environ.get("CROSSMAE_INDEX_CACHE")
+    os.environ["CROSSMAE_INDEX_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("CROSSMAE_INDEX_CACHE", None)
+    else:
+        os.environ["CROSSMAE_INDEX_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The datasets root (``$CROSSMAE_DATA_ROOT`` or ``../shared/data``): real mini subsets."""

@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from crossmae.data import load_rgb
+from crossmae.index import (PathLabels, file_source, imagefolder_index, load_or_build, pack_paths, path_label_arrays,
+                            validate_path_labels)
 from crossmae.utils import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,12 +40,15 @@ DATASET_TYPES = ("imagefolder", "inat2019", "places365")
 
 @dataclass
 class ClassificationData:
-    """A parsed split: ``samples`` [(absolute image path, class index)], ``classes`` (names, index
-    order), ``source`` (the file or folder the split was read from, for messages and cache keys)."""
-    samples: list[tuple[str, int]]
+    """A parsed split: ``samples`` — a sequence of ``(image path, class index)`` (the loaders give a
+    :class:`crossmae.index.PathLabels` over the cached, memory-mapped index; a plain list works
+    too), ``classes`` (names, index order), ``source`` (the file or folder the split was read from,
+    for messages and cache keys), ``index_fingerprint`` (the dataset index's, or ``None``)."""
+    samples: Sequence[tuple[str, int]]
     classes: list[str]
     source: str
     extra: dict = field(default_factory=dict)
+    index_fingerprint: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -111,21 +117,16 @@ def load_imagefolder(root: str | os.PathLike, split: str, classes: Sequence[str]
     d = Path(root) / split
     if not d.is_dir():
         raise UserError(f"{d}: ImageFolder split folder not found")
-    found = sorted(p.name for p in d.iterdir() if p.is_dir())
-    if not found:
-        raise UserError(f"{d}: no class folders")
-    if classes is None:
-        classes = found
-    index = {c: i for i, c in enumerate(classes)}
-    samples = []
-    for c in found:
-        if c not in index:
-            raise UserError(f"{d / c}: class folder not among the {len(classes)} train classes")
-        files = sorted(p for p in (d / c).iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
-        if not files:
-            raise UserError(f"{d / c}: class folder holds no image")
-        samples += [(str(p), index[c]) for p in files]
-    return ClassificationData(samples, list(classes), str(d))
+
+    def error(kind: str, detail: str) -> UserError:
+        if kind == "no_classes":
+            return UserError(f"{detail}: no class folders")
+        if kind == "unknown_class":
+            return UserError(f"{detail}: class folder not among the {len(classes)} train classes")
+        return UserError(f"{detail}: class folder holds no image")
+
+    idx, names = imagefolder_index(d, classes, IMG_EXTENSIONS, recursive=False, errors=error)
+    return ClassificationData(PathLabels(idx, str(d) + "/"), names, str(d), index_fingerprint=idx.fingerprint)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,39 +210,52 @@ def load_inat2019(root: str | os.PathLike, split: str, check_files: bool = True,
     root = Path(root)
     if split not in INAT_FILES:
         raise UserError(f"iNat split {split!r}: expected one of {sorted(INAT_FILES)}")
-    path = root / INAT_FILES[split]
-    d = _read_json(path)
-    ids, cats = _inat_cats(d, path)
+    path = _require_file(root / INAT_FILES[split], "annotation file")
+    prefix = str(root) + "/"
+
+    def build():
+        sources = [file_source(path)]
+        d = _read_json(path)
+        ids, cats = _inat_cats(d, path)
+        cat_index = {cid: k for k, cid in enumerate(ids)}
+        images = {}
+        for i, im in enumerate(d["images"]):
+            if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+                raise UserError(f"{path}: images[{i}]: entry needs 'id' and 'file_name'")
+            images[im["id"]] = (i, im["file_name"])
+        labels: dict = {}
+        for i, a in enumerate(d["annotations"]):
+            if not isinstance(a, dict) or "image_id" not in a or "category_id" not in a:
+                raise UserError(f"{path}: annotations[{i}]: entry needs 'image_id' and 'category_id'")
+            if a["category_id"] not in cat_index:
+                raise UserError(f"{path}: annotations[{i}]: category_id {a['category_id']} is not in "
+                                f"'categories' ({len(ids)} categories)")
+            if a["image_id"] not in images:
+                raise UserError(f"{path}: annotations[{i}]: image_id {a['image_id']} is not in 'images'")
+            if a["image_id"] in labels:
+                raise UserError(f"{path}: annotations[{i}]: image_id {a['image_id']} has a second annotation")
+            labels[a["image_id"]] = cat_index[a["category_id"]]
+        del d
+        samples = []
+        for image_id, (i, rel) in images.items():
+            if image_id not in labels:
+                raise UserError(f"{path}: images[{i}]: image id {image_id} has no annotation")
+            p = str(root / rel)
+            if check_files and not os.path.isfile(p):
+                raise UserError(f"{path}: images[{i}]: image file {p} does not exist")
+            samples.append((p, labels[image_id]))
+        names = [str(c.get("name", c["id"])) for c in cats]
+        arrays, meta = path_label_arrays(prefix, samples, {"classes": names, "num_classes": len(names),
+                                                           "category_ids": ids, "taxonomy": cats})
+        return arrays, meta, sources
+
+    idx = load_or_build("inat2019", root, path, {"given": str(root), "split": split, "check_files": bool(check_files)},
+                        build, validate_path_labels)
+    ids, cats, names = idx.meta["category_ids"], idx.meta["taxonomy"], idx.meta["classes"]
     if train_categories is not None:
         check_same_categories(path, ids, [c.get("name", c["id"]) for c in cats], train_categories)
-    cat_index = {cid: k for k, cid in enumerate(ids)}
-    images = {}
-    for i, im in enumerate(d["images"]):
-        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
-            raise UserError(f"{path}: images[{i}]: entry needs 'id' and 'file_name'")
-        images[im["id"]] = (i, im["file_name"])
-    labels: dict = {}
-    for i, a in enumerate(d["annotations"]):
-        if not isinstance(a, dict) or "image_id" not in a or "category_id" not in a:
-            raise UserError(f"{path}: annotations[{i}]: entry needs 'image_id' and 'category_id'")
-        if a["category_id"] not in cat_index:
-            raise UserError(f"{path}: annotations[{i}]: category_id {a['category_id']} is not in "
-                            f"'categories' ({len(ids)} categories)")
-        if a["image_id"] not in images:
-            raise UserError(f"{path}: annotations[{i}]: image_id {a['image_id']} is not in 'images'")
-        if a["image_id"] in labels:
-            raise UserError(f"{path}: annotations[{i}]: image_id {a['image_id']} has a second annotation")
-        labels[a["image_id"]] = cat_index[a["category_id"]]
-    samples = []
-    for image_id, (i, rel) in images.items():
-        if image_id not in labels:
-            raise UserError(f"{path}: images[{i}]: image id {image_id} has no annotation")
-        p = root / rel
-        if check_files and not p.is_file():
-            raise UserError(f"{path}: images[{i}]: image file {p} does not exist")
-        samples.append((str(p), labels[image_id]))
-    names = [str(c.get("name", c["id"])) for c in cats]
-    return ClassificationData(samples, names, str(path), {"category_ids": ids, "taxonomy": cats})
+    return ClassificationData(PathLabels(idx, prefix), list(names), str(path), {"category_ids": ids, "taxonomy": cats},
+                              index_fingerprint=idx.fingerprint)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,24 +311,47 @@ def load_places365(root: str | os.PathLike, split: str, check_files: bool = True
     root = Path(root)
     if split not in PLACES_FILES:
         raise UserError(f"Places365 split {split!r}: expected one of {sorted(PLACES_FILES)}")
-    names = places_categories(root)
+    cat_path = _require_file(root / PLACES_CATEGORIES, "Places365 category file")
     list_name, img_dir = PLACES_FILES[split]
     path = _require_file(root / list_name, "Places365 list file")
-    samples = []
-    for n, rel, label in _read_pairs(path, "<image path> <label>"):
-        if not 0 <= label < len(names):
-            raise UserError(f"{path}: line {n}: label {label} is outside the {len(names)} categories "
-                            f"of {root / PLACES_CATEGORIES}")
-        if split == "train" and not rel.startswith(names[label] + "/"):
-            raise UserError(f"{path}: line {n}: image {rel} is not in the folder of its label "
-                            f"{label} ({names[label]})")
-        p = root / img_dir / rel.lstrip("/")
-        if check_files and not p.is_file():
-            raise UserError(f"{path}: line {n}: image {p} does not exist")
-        samples.append((str(p), label))
-    if not samples:
-        raise UserError(f"{path}: list file is empty")
-    return ClassificationData(samples, names, str(path))
+    prefix = str(root / img_dir) + "/"
+
+    def build():
+        sources = [file_source(cat_path), file_source(path)]
+        names = places_categories(root)
+        folders = [n + "/" for n in names]
+        isfile, k = os.path.isfile, len(names)
+        paths, labels = [], []
+        for n, rel, label in _read_pairs(path, "<image path> <label>"):
+            if not 0 <= label < k:
+                raise UserError(f"{path}: line {n}: label {label} is outside the {k} categories "
+                                f"of {root / PLACES_CATEGORIES}")
+            if split == "train" and not rel.startswith(folders[label]):
+                raise UserError(f"{path}: line {n}: image {rel} is not in the folder of its label "
+                                f"{label} ({names[label]})")
+            r = rel.lstrip("/")
+            p = prefix + r if _clean_rel(r) else str(root / img_dir / r)
+            if check_files and not isfile(p):
+                raise UserError(f"{path}: line {n}: image {p} does not exist")
+            paths.append(p)
+            labels.append(label)
+        if not paths:
+            raise UserError(f"{path}: list file is empty")
+        blob, off, tails = pack_paths(prefix, paths)
+        del paths
+        arrays = {"path_blob": blob, "path_off": off, "labels": np.asarray(labels, dtype=np.int32)}
+        return arrays, {"classes": names, "num_classes": k, "tails": tails}, sources
+
+    idx = load_or_build("places365", root, path, {"given": str(root), "split": split, "check_files": bool(check_files)},
+                        build, validate_path_labels)
+    return ClassificationData(PathLabels(idx, prefix), list(idx.meta["classes"]), str(path),
+                              index_fingerprint=idx.fingerprint)
+
+
+def _clean_rel(r: str) -> bool:
+    """``prefix + r`` is already ``str(Path(prefix) / r)`` (no empty, ``.`` or trailing component)."""
+    return bool(r) and "//" not in r and not r.endswith("/") and "/./" not in r and not r.startswith("./") \
+        and not r.endswith("/.") and r != "."
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,9 +25,9 @@ of an uninterrupted one (mmseg draws from the global NumPy RNG instead; same dis
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from crossmae.data import load_rgb
+from crossmae.index import StringTable, check_offsets, dir_source, load_or_build, pack_paths
 from crossmae.utils import UserError
 
 IGNORE_INDEX = 255
@@ -81,8 +82,71 @@ class Sample:
     size: tuple[int, int]  # (H, W)
 
 
-def scan_split(root: Path, split: str, check_sizes: bool = True) -> list[Sample]:
-    """Pair ``images/<split>/*`` with ``annotations/<split>/*.png`` by file stem.
+def scan_split(root: Path, split: str, check_sizes: bool = True) -> "SampleTable":
+    """Pair ``images/<split>/*`` with ``annotations/<split>/*.png`` by file stem, sorted by stem, with
+    each pair's size ``(H, W)`` read from the file headers (``(0, 0)`` without ``check_sizes``).
+
+    The pairs are kept in the cached dataset index (:mod:`crossmae.index`; rebuilt when either
+    folder's listing changes) and returned as a :class:`SampleTable` of :class:`Sample`.
+
+    Raises:
+        UserError: a folder is missing or empty, an image has no annotation or vice versa, or an
+            image and its annotation differ in size (read from the file headers).
+    """
+    root = Path(root)
+    img_dir, ann_dir = root / "images" / split, root / "annotations" / split
+    for d in (img_dir, ann_dir):
+        if not d.is_dir():
+            raise UserError(f"{d}: folder not found (expected the ADEChallengeData2016 layout)")
+
+    def build():
+        sources = [dir_source(img_dir), dir_source(ann_dir)]
+        samples = _scan_split(root, split, check_sizes)
+        img_blob, img_off, img_tails = pack_paths(str(img_dir) + "/", [str(x.image) for x in samples])
+        ann_blob, ann_off, ann_tails = pack_paths(str(ann_dir) + "/", [str(x.annotation) for x in samples])
+        arrays = {"img_blob": img_blob, "img_off": img_off, "ann_blob": ann_blob, "ann_off": ann_off,
+                  "size": np.array([x.size for x in samples], dtype=np.int64).reshape(len(samples), 2)}
+        return arrays, {"img_tails": img_tails, "ann_tails": ann_tails}, sources
+
+    idx = load_or_build("ade20k", root, img_dir, {"given": str(root), "split": split, "check_sizes": bool(check_sizes)},
+                        build, _validate_ade_index)
+    return SampleTable(idx, str(img_dir) + "/", str(ann_dir) + "/")
+
+
+class SampleTable(Sequence):
+    """The pairs of an ADE20K split as a read-only sequence of :class:`Sample` (built per access from
+    the memory-mapped index: image / annotation path blobs and sizes int64 (N, 2))."""
+
+    def __init__(self, index, img_prefix: str, ann_prefix: str):
+        self.index = index
+        self.images = StringTable.of(index, "img_blob", "img_off", img_prefix if index.meta["img_tails"] else "")
+        self.annotations = StringTable.of(index, "ann_blob", "ann_off", ann_prefix if index.meta["ann_tails"] else "")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        h, w = (int(v) for v in self.index["size"][i])
+        return Sample(Path(self.images[i]), Path(self.annotations[i]), (h, w))
+
+    def __add__(self, other) -> list:
+        return list(self) + list(other)
+
+
+def _validate_ade_index(idx) -> None:
+    check_offsets("img_off", idx["img_off"], len(idx["img_blob"]))
+    check_offsets("ann_off", idx["ann_off"], len(idx["ann_blob"]))
+    if not len(idx["img_off"]) == len(idx["ann_off"]) == len(idx["size"]) + 1 or idx["size"].ndim != 2:
+        raise ValueError("image / annotation / size arrays differ in length")
+
+
+def _scan_split(root: Path, split: str, check_sizes: bool = True) -> list[Sample]:
+    """Pair ``images/<split>/*`` with ``annotations/<split>/*.png`` by file stem (the build step of
+    :func:`scan_split`'s cached index).
 
     Raises:
         UserError: a folder is missing or empty, an image has no annotation or vice versa, or an

@@ -17,6 +17,9 @@ with the targets for polygon mask targets; RLE (crowd) masks are bitmasks transf
 from __future__ import annotations
 
 import json
+import math
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +31,7 @@ from PIL import Image
 
 from crossmae.data import load_rgb
 
+from crossmae.index import StringTable, check_offsets, file_source, load_or_build, pack_strings
 from crossmae.utils import UserError
 
 from .masks import crop_polygons, pack_polygons, polygon_boxes, rasterize_polygons, unpack_polygons
@@ -67,40 +71,20 @@ class CocoInstances(Dataset):
         self.image_dir = Path(image_dir)
         self.train = train
         self.transform = transform
-        data = _read_json(self.ann_file)
-        validate_coco_json(self.ann_file, data)
-        self.cat_ids = sorted(int(c["id"]) for c in data["categories"])
-        self.cat_names = {int(c["id"]): c.get("name", str(c["id"])) for c in data["categories"]}
+        if not self.ann_file.is_file():
+            raise UserError(f"{self.ann_file}: annotation file not found")
+        self.index = idx = load_or_build(
+            "coco", self.ann_file.parent, self.ann_file,
+            {"ann_file": str(self.ann_file), "image_dir": str(self.image_dir), "train": bool(train),
+             "filter_empty": bool(filter_empty)},
+            lambda: _build_coco_index(self.ann_file, self.image_dir, train, filter_empty), _validate_coco_index)
+        self.index_fingerprint = idx.fingerprint
+        self.cat_ids = [int(c) for c in idx.meta["cat_ids"]]
+        self.cat_names = {int(c): n for c, n in idx.meta["cat_names"]}
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
-        img_by_id = {int(im["id"]): im for im in data["images"]}
-        anns: dict[int, list] = {i: [] for i in img_by_id}
-        for a in data["annotations"]:
-            iid = int(a.get("image_id", -1))
-            if iid not in anns:
-                raise UserError(f"{self.ann_file}: annotation {a.get('id')} refers to unknown image_id {iid}")
-            if int(a.get("category_id", -1)) not in self.cat_to_label:
-                raise UserError(f"{self.ann_file}: annotation {a.get('id')} has unknown category_id "
-                                f"{a.get('category_id')}")
-            anns[iid].append(a)
-        self.num_dropped_annotations = 0
-        records = []
-        for iid in sorted(img_by_id):
-            kept = [a for a in anns[iid] if self._valid(a)]
-            self.num_dropped_annotations += len(anns[iid]) - len(kept)
-            if train and filter_empty and not any(a.get("iscrowd", 0) == 0 for a in kept):
-                continue
-            records.append((img_by_id[iid], kept))
-        if not records:
-            raise UserError(f"{self.ann_file}: no usable images"
-                            + (" (no image has a non-crowd annotation)" if train and filter_empty else ""))
-        if not self.image_dir.is_dir():
-            raise UserError(f"{self.image_dir}: image folder not found")
-        missing = [im["file_name"] for im, _ in records if not (self.image_dir / im["file_name"]).is_file()]
-        if missing:
-            raise UserError(f"{self.image_dir / missing[0]}: image file not found "
-                            f"({len(missing)} of {len(records)} images missing)")
-        self.images = [r[0] for r in records]
-        self.anns = [r[1] for r in records]
+        self.num_dropped_annotations = int(idx.meta["num_dropped_annotations"])
+        self.images = CocoImages(idx)
+        self.anns = CocoAnnotations(idx)
 
     @staticmethod
     def _valid(a: dict) -> bool:
@@ -143,7 +127,7 @@ class CocoInstances(Dataset):
         for i, a in enumerate(anns):
             seg = a["segmentation"]
             if isinstance(seg, list):
-                rle = mask_util.merge(mask_util.frPyObjects(seg, h, w))
+                rle = mask_util.merge(mask_util.frPyObjects([p.tolist() for p in seg], h, w))
             elif isinstance(seg.get("counts"), list):
                 rle = mask_util.frPyObjects(seg, h, w)
             else:
@@ -153,7 +137,7 @@ class CocoInstances(Dataset):
                                                          dtype=torch.int64),
                   "masks": torch.from_numpy(masks),
                   # polygon instances also carry their polygons (image pixels), RLE ones do not
-                  **pack_polygons([[np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in a["segmentation"]]
+                  **pack_polygons([[p.reshape(-1, 2) for p in a["segmentation"]]
                                    if isinstance(a["segmentation"], list) else [] for a in anns])}
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), target
 
@@ -180,12 +164,214 @@ class CocoInstances(Dataset):
         return out
 
 
+class CocoImages(Sequence):
+    """``images[i]``: the kept image record ``{"id", "file_name", "height", "width"}`` (a fresh dict
+    built from the memory-mapped index, in the loader's order: ascending image id)."""
+
+    def __init__(self, index):
+        self.idx = index
+        self.names = StringTable.of(index, "file_blob", "file_off")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        return {"id": int(self.idx["img_id"][i]), "file_name": self.names[i],
+                "height": int(self.idx["img_hw"][i, 0]), "width": int(self.idx["img_hw"][i, 1])}
+
+
+class CocoAnnotations(Sequence):
+    """``anns[i]``: the kept annotations of image ``i`` as fresh dicts ``{"id", "image_id",
+    "category_id", "iscrowd", "bbox" [x, y, w, h], "area" (when the json has one), "segmentation"}``; ``segmentation`` is a list of
+    float64 (2K,) arrays (views of the mapped coordinates: detectron2's valid polygons, K >= 3) or an
+    RLE dict ``{"size": [h, w], "counts": str | list}``."""
+
+    def __init__(self, index):
+        self.idx = index
+        self.rle_str = StringTable.of(index, "rle_blob", "rle_off")
+
+    def __len__(self) -> int:
+        return len(self.idx["ann_off"]) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        x = self.idx
+        out = []
+        image_id = int(x["img_id"][i])
+        for k in range(int(x["ann_off"][i]), int(x["ann_off"][i + 1])):
+            r = int(x["ann_rle"][k])
+            if r < 0:
+                p0, p1 = int(x["ann_poly_off"][k]), int(x["ann_poly_off"][k + 1])
+                co, xy = x["poly_off"], x["poly_xy"]
+                seg = [xy[int(co[j]):int(co[j + 1])] for j in range(p0, p1)]
+            else:
+                size = [int(v) for v in x["rle_size"][r]]
+                c0, c1 = int(x["rle_cnt_off"][r]), int(x["rle_cnt_off"][r + 1])
+                counts = x["rle_cnt"][c0:c1].tolist() if x["rle_is_list"][r] else self.rle_str[r]
+                seg = {"size": size, "counts": counts}
+            a = {"id": int(x["ann_id"][k]), "image_id": image_id, "category_id": int(x["ann_cat"][k]),
+                 "iscrowd": int(x["ann_crowd"][k]), "bbox": x["ann_bbox"][k].tolist(), "segmentation": seg}
+            area = float(x["ann_area"][k])
+            if area == area:
+                a["area"] = area
+            out.append(a)
+        return out
+
+
+def _build_coco_index(ann_file: Path, image_dir: Path, train: bool, filter_empty: bool):
+    """Read, validate and filter an instances json into flat arrays (see :class:`CocoInstances`):
+    images (``img_id`` int64, ``img_hw`` int32 (N, 2), file names), per-image annotation ranges
+    (``ann_off``), annotations (``ann_id``, ``ann_cat`` int64, ``ann_crowd`` int8 (1 = crowd, the
+    truth value of ``iscrowd``), ``ann_bbox`` float64 (A, 4)), polygons (``ann_poly_off`` → ``poly_off``
+    → ``poly_xy`` float64 coordinates, exactly the json numbers) and RLE masks (``ann_rle`` → size,
+    counts string or list).
+
+    Raises:
+        UserError: the json is unreadable / malformed (:func:`validate_coco_json`), an annotation of an
+            unknown image or category, a segmentation that is neither polygons nor an RLE dict, no
+            usable image, the image folder or an image file is missing.
+    """
+    sources = [file_source(ann_file)]
+    data = _read_json(ann_file)
+    validate_coco_json(ann_file, data)
+    cat_ids = sorted(int(c["id"]) for c in data["categories"])
+    cat_names = [[int(c["id"]), c.get("name", str(c["id"]))] for c in data["categories"]]
+    cat_set = set(cat_ids)
+    img_by_id = {int(im["id"]): im for im in data["images"]}
+    anns: dict[int, list] = {i: [] for i in img_by_id}
+    for a in data["annotations"]:
+        iid = int(a.get("image_id", -1))
+        if iid not in anns:
+            raise UserError(f"{ann_file}: annotation {a.get('id')} refers to unknown image_id {iid}")
+        if int(a.get("category_id", -1)) not in cat_set:
+            raise UserError(f"{ann_file}: annotation {a.get('id')} has unknown category_id {a.get('category_id')}")
+        anns[iid].append(a)
+    dropped = 0
+    records = []
+    for iid in sorted(img_by_id):
+        kept = [a for a in anns[iid] if CocoInstances._valid(a)]
+        dropped += len(anns[iid]) - len(kept)
+        if train and filter_empty and not any(a.get("iscrowd", 0) == 0 for a in kept):
+            continue
+        records.append((img_by_id[iid], kept))
+    del anns, img_by_id
+    if not records:
+        raise UserError(f"{ann_file}: no usable images"
+                        + (" (no image has a non-crowd annotation)" if train and filter_empty else ""))
+    if not image_dir.is_dir():
+        raise UserError(f"{image_dir}: image folder not found")
+    isfile, base = os.path.isfile, str(image_dir)
+    missing = [im["file_name"] for im, _ in records if not isfile(os.path.join(base, im["file_name"]))]
+    if missing:
+        raise UserError(f"{image_dir / missing[0]}: image file not found "
+                        f"({len(missing)} of {len(records)} images missing)")
+    n = len(records)
+    file_blob, file_off = pack_strings(im["file_name"] for im, _ in records)
+    img_id = np.fromiter((int(im["id"]) for im, _ in records), dtype=np.int64, count=n)
+    img_hw = np.array([[int(im["height"]), int(im["width"])] for im, _ in records], dtype=np.int32).reshape(n, 2)
+    ann_off = np.zeros(n + 1, dtype=np.int64)
+    ann_off[1:] = np.cumsum([len(k) for _, k in records])
+    flat = [a for _, kept in records for a in kept]
+    del records
+    m = len(flat)
+    ann_id = np.array([int(a["id"]) if _is_int(a["id"]) else -1 for a in flat], dtype=np.int64)
+    ann_cat = np.array([int(a["category_id"]) for a in flat], dtype=np.int64)
+    ann_crowd = np.array([1 if a.get("iscrowd", 0) else 0 for a in flat], dtype=np.int8)
+    ann_bbox = np.array([a["bbox"] for a in flat], dtype=np.float64).reshape(m, 4)
+    ann_area = np.array([a["area"] if _is_num(a.get("area")) else np.nan for a in flat], dtype=np.float64)
+    ann_rle = np.full(m, -1, dtype=np.int64)
+    poly_count, poly_len, coords = [], [], []
+    rle_size, rle_strs, rle_is_list, rle_cnt_len, rle_cnt = [], [], [], [], []
+    for k, a in enumerate(flat):
+        seg = a["segmentation"]
+        if isinstance(seg, list):
+            poly_count.append(len(seg))
+            for p in seg:
+                poly_len.append(len(p))
+                coords.extend(p)
+            continue
+        poly_count.append(0)
+        size = seg.get("size") if isinstance(seg, dict) else None
+        counts = seg.get("counts") if isinstance(seg, dict) else None
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)) or \
+                not isinstance(counts, (str, list)) or \
+                isinstance(counts, list) and not all(_is_int(v) and v >= 0 for v in counts):
+            raise UserError(f"{ann_file}: annotation {a.get('id')}: segmentation is neither polygons nor an RLE "
+                            f"{{'size': [h, w], 'counts': ...}}")
+        ann_rle[k] = len(rle_size)
+        rle_size.append(size)
+        rle_is_list.append(isinstance(counts, list))
+        rle_strs.append("" if isinstance(counts, list) else counts)
+        rle_cnt_len.append(len(counts) if isinstance(counts, list) else 0)
+        if isinstance(counts, list):
+            rle_cnt.extend(counts)
+    del flat
+    try:
+        poly_xy = np.array(coords, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise UserError(f"{ann_file}: a polygon holds a value that is not a number") from None
+    del coords
+
+    def offsets(lengths):
+        out = np.zeros(len(lengths) + 1, dtype=np.int64)
+        out[1:] = np.cumsum(np.asarray(lengths, dtype=np.int64))
+        return out
+
+    rle_blob, rle_off = pack_strings(rle_strs)
+    arrays = {"img_id": img_id, "img_hw": img_hw, "file_blob": file_blob, "file_off": file_off,
+              "ann_off": ann_off, "ann_id": ann_id, "ann_cat": ann_cat, "ann_crowd": ann_crowd,
+              "ann_bbox": ann_bbox, "ann_area": ann_area, "ann_rle": ann_rle, "ann_poly_off": offsets(poly_count),
+              "poly_off": offsets(poly_len), "poly_xy": poly_xy,
+              "rle_size": np.asarray(rle_size, dtype=np.int64).reshape(-1, 2),
+              "rle_is_list": np.asarray(rle_is_list, dtype=np.int8), "rle_blob": rle_blob, "rle_off": rle_off,
+              "rle_cnt_off": offsets(rle_cnt_len), "rle_cnt": np.asarray(rle_cnt, dtype=np.int64)}
+    meta = {"cat_ids": cat_ids, "cat_names": cat_names, "num_dropped_annotations": dropped}
+    return arrays, meta, sources
+
+
+def _validate_coco_index(idx) -> None:
+    """Structural invariants of a COCO index (every offset array inside what it indexes)."""
+    n, m = len(idx["img_id"]), len(idx["ann_id"])
+    r = len(idx["rle_size"])
+    check_offsets("file_off", idx["file_off"], len(idx["file_blob"]))
+    check_offsets("ann_off", idx["ann_off"], m)
+    check_offsets("ann_poly_off", idx["ann_poly_off"], len(idx["poly_off"]) - 1)
+    check_offsets("poly_off", idx["poly_off"], len(idx["poly_xy"]))
+    check_offsets("rle_off", idx["rle_off"], len(idx["rle_blob"]))
+    check_offsets("rle_cnt_off", idx["rle_cnt_off"], len(idx["rle_cnt"]))
+    if idx["img_hw"].shape != (n, 2) or len(idx["file_off"]) != n + 1 or idx["ann_bbox"].shape != (m, 4):
+        raise ValueError("image / annotation arrays differ in length")
+    for name in ("ann_cat", "ann_crowd", "ann_rle", "ann_area"):
+        if idx[name].shape != (m,):
+            raise ValueError(f"{name}: wrong length")
+    if len(idx["ann_poly_off"]) != m + 1 or len(idx["rle_off"]) != r + 1 or len(idx["rle_cnt_off"]) != r + 1 \
+            or idx["rle_is_list"].shape != (r,):
+        raise ValueError("offset arrays differ in length")
+    if m and (int(idx["ann_rle"].max()) >= r or int(idx["ann_rle"].min()) < -1):
+        raise ValueError("ann_rle outside the RLE table")
+    if not set(np.unique(idx["ann_cat"]).tolist()) <= set(int(c) for c in idx.meta["cat_ids"]):
+        raise ValueError("ann_cat outside the categories")
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+    """A finite JSON number (bool excluded; an int too large for float64 is not)."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return isinstance(v, int) and not isinstance(v, bool) and -_FLOAT_MAX <= v <= _FLOAT_MAX
+
+
+_FLOAT_MAX = float(np.finfo(np.float64).max)
 
 
 def validate_coco_json(path: Path, data: dict) -> None:
