@@ -29,7 +29,7 @@ import torch
 
 from .safeio import check_schema, load_json, open_in_dir, read_regular, real_dir
 from .index import index_mark, loaded_since
-from .utils import (check_writable, REPO_ROOT, UserError, atomic_write_json, atomic_write_text, config_hash, is_main_process,
+from .utils import (check_writable, flatten, REPO_ROOT, UserError, atomic_write_json, atomic_write_text, config_hash, is_main_process,
                     load_config, safe_torch_load, sha256_file)
 
 
@@ -112,15 +112,7 @@ def check_output_dir(output_dir: str | Path) -> Path:
 
 def _identity_diff(old: dict, new: dict) -> str:
     """The fields in which two run identities differ, e.g. ``config.seed, config.optim.lr, eval_only``."""
-    def flat(d, prefix=""):
-        res = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                res.update(flat(v, f"{prefix}{k}."))
-            else:
-                res[f"{prefix}{k}"] = v
-        return res
-    a, b = flat(json.loads(json.dumps(old, default=str))), flat(json.loads(json.dumps(new, default=str)))
+    a, b = flatten(json.loads(json.dumps(old, default=str))), flatten(json.loads(json.dumps(new, default=str)))
     keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
     if not keys:
         return "unknown fields"

@@ -495,6 +495,17 @@ def check_config_values(path: str | os.PathLike, cfg_dict: dict, prefix: str = "
             raise UserError(f"{path}: config {key}={v!r}: expected {rule.describe()}")
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict as ``{"a.b.c": value}`` (dotted keys, the form of ``--cfg-options``)."""
+    res = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            res.update(flatten(v, f"{prefix}{k}."))
+        else:
+            res[f"{prefix}{k}"] = v
+    return res
+
+
 def config_hash(cfg_dict: dict) -> str:
     """Short SHA-256 (16 hex chars) of a config's canonical JSON, for the leaderboard."""
     blob = json.dumps(cfg_dict, sort_keys=True, default=str).encode()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from _recipe import RecipeCheck, mmseg_config_dir
-from crossmae.utils import load_config
+from crossmae.utils import flatten, load_config
 from transfer.ade20k import PRESET_DIR, build_model
 from transfer.seg.data import IGNORE_INDEX, MEAN_RGB, STD_RGB
 from transfer.seg.optim import lr_factor
@@ -38,14 +38,7 @@ def _ours(name: str):
     return load_config(name, None, PRESET_DIR)
 
 
-def _flat(d, prefix="") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+_flat = flatten
 
 
 def _step(pipeline, type_name: str) -> dict:

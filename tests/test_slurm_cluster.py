@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from slurm.cancel import FINISHED, cancel, main as cancel_main
 from slurm.executor import ClusterOptions
 from slurm.status import collect, main as status_main
 from slurm.submit import dispatch, plan
+from _slurm import out, wait_until as _wait  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slurm
 SUITE = get_suite("selftest")
@@ -36,23 +36,8 @@ def cluster():
     return True
 
 
-@pytest.fixture
-def out(cluster, tmp_path):
-    """The run's output folder; whatever a test leaves queued or running is cancelled afterwards."""
-    d = tmp_path / "run"
-    yield d
-    if d.is_dir():
-        cancel(d)
 
 
-def _wait(pred, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.5)
-    raise AssertionError(f"gave up after {timeout} s waiting for {what}")
 
 
 def _done(job, timeout=120.0):

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,9 +23,9 @@ import torch
 from benchmarks.suites import get_suite
 from crossmae.utils import REPO_ROOT, safe_torch_load
 from slurm import local_cluster, selftest
-from slurm.cancel import cancel
 from slurm.executor import ClusterOptions
 from slurm.submit import dispatch, plan
+from _slurm import out, wait_until as _wait  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slurm
 PART = local_cluster.MULTI_PARTITION
@@ -45,22 +44,8 @@ def cluster():
     return True
 
 
-@pytest.fixture
-def out(cluster, tmp_path):
-    d = tmp_path / "run"
-    yield d
-    if d.is_dir():
-        cancel(d)
 
 
-def _wait(pred, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.5)
-    raise AssertionError(f"gave up after {timeout} s waiting for {what}")
 
 
 def _run(*groups, out, timeout=300):
