@@ -114,12 +114,13 @@ def _ade_worker(rank: int, world: int, port: int, data_root: str, out: str) -> N
                         cfg.data.reduce_zero_label)
     torch.manual_seed(0)
     model = ade20k.build_model(cfg)
-    res = ade20k.evaluate(model, ds, cfg, read_class_names(root, cfg.model.num_classes), None,
-                          Path(out) / "overlays", None)
+    # each rank its own overlay folder: only rank 0 may write (the others' images reach it gathered)
+    overlays = Path(out) / ("overlays" if rank == 0 else f"overlays_rank{rank}")
+    res = ade20k.evaluate(model, ds, cfg, read_class_names(root, cfg.model.num_classes), None, overlays, None)
     if rank == 0:
         (Path(out) / "result.json").write_text(json.dumps(res))
     else:
-        assert res["per_image"]["images"] == [] and not (Path(out) / "overlays").exists()
+        assert res["per_image"]["images"] == [] and not overlays.exists()
     _done(world)
 
 
