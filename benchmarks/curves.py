@@ -248,8 +248,8 @@ def _svg(title: str, lines: dict, key: str, xlabel: str) -> str:
            f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="12">{html.escape(title)}</text>',
            f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="#888"/>',
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="#888"/>']
-    for v in (xa, xb):
-        out.append(f'<text x="{X(v):.1f}" y="{h - bottom + 14}" text-anchor="middle" font-size="10">{v:.3g}</text>')
+    for v, anchor in ((xa, "start"), (xb, "end")):  # inside the chart: a long FLOPs label is never clipped
+        out.append(f'<text x="{X(v):.1f}" y="{h - bottom + 14}" text-anchor="{anchor}" font-size="10">{v:.3g}</text>')
     for v in (ya, yb):
         out.append(f'<text x="{left - 4}" y="{Y(v) + 4:.1f}" text-anchor="end" font-size="10">{v:.3g}</text>')
     out.append(f'<text x="{(left + w - right) / 2}" y="{h - 8}" text-anchor="middle" font-size="11">'
