@@ -166,14 +166,9 @@ def _fmt(v) -> str:
 
 
 def to_csv(rows: list[dict]) -> str:
-    import csv
-    import io
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
-    for r in rows:
-        w.writerow([_fmt(r.get(c)) for c in COLUMNS])
-    return buf.getvalue()
+    """``probe_curves.csv``'s text (:data:`COLUMNS`)."""
+    from .render import csv_text
+    return csv_text(rows, COLUMNS, _fmt)
 
 
 def _series(rows: list[dict], drawn=DRAWN) -> dict[tuple, dict[tuple, list[dict]]]:

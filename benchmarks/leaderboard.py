@@ -41,8 +41,6 @@ preset containing ``paper``, or unknown config when the task was not dispatched 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import os
 import sys
@@ -52,7 +50,7 @@ from pathlib import Path
 from crossmae.utils import UserError, atomic_write_figure, atomic_write_text, check_writable, cli_entry, sha256_file
 
 from . import bootstrap, curves, reference
-from .render import fmt_metric, fmt_number, is_finite, is_number, md_text
+from .render import csv_text, fmt_metric, fmt_number, is_finite, is_number, md_text
 
 COLUMNS = ["backbone", "method", "arch", "pretrain_epochs", "mask_ratio", "prediction_ratio", "decoder_depth",
            "task", "protocol", "config", "metric", "n_seeds", "seeds", "mean", "stderr", "ci_low", "ci_high",
@@ -513,12 +511,8 @@ def _fmt(v) -> str:
 
 
 def to_csv(rows: list[dict], columns: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(columns)
-    for r in rows:
-        w.writerow([_fmt(r.get(c)) for c in columns])
-    return buf.getvalue()
+    """``rows`` as CSV text with ``columns`` (:func:`benchmarks.render.csv_text`)."""
+    return csv_text(rows, columns, _fmt)
 
 
 def _has_ci(r) -> bool:

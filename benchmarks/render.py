@@ -145,3 +145,17 @@ def md_text(v) -> str:
     s = re.sub(r"[\r\n\t\u2028\u2029\x0b\x0c]+", " ", s)
     s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return _MD_PUNCT.sub(r"\\\1", s)
+
+
+def csv_text(rows: list[dict], columns: list[str], fmt) -> str:
+    """``rows`` as CSV text: a header of ``columns``, then ``fmt(row[column])`` per cell (missing
+    cells are ``fmt(None)``); ``\n`` line ends. The one CSV writer of the leaderboard and the probe
+    curves."""
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([fmt(r.get(c)) for c in columns])
+    return buf.getvalue()
