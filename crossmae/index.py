@@ -50,7 +50,7 @@ import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 

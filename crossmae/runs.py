@@ -90,7 +90,7 @@ def resolve_config(args, preset_dir: str | Path):
 LOCK_NAME = "run.lock"
 RUN_RECORD = "run.json"
 #: Temporary files of :func:`crossmae.utils._atomic_write` (``.<name>.<random>.tmp``) and of the
-#: ADE20K overlays (``.<name>.tmp.png``): left behind only by a killed process.
+#: ADE20K overlays of older versions (``.<name>.tmp.png``): left behind only by a killed process.
 _STALE_TMP = re.compile(r"^\..+\.tmp(\.png)?$")
 
 

@@ -1,7 +1,7 @@
 """Planted symlinks in run, suite and cache folders: never followed for a write, never read through.
 
 A careless or hostile neighbour on a shared file system plants a link where the suite writes
-(``run.lock``, ``log.txt``, ``metrics.json``, ``tb/``, the run folder itself) or where it reads back
+(``run.lock``, ``log.txt``, ``metrics.json``, ``tensorboard/``, the run folder itself) or where it reads back
 results (``metrics.json``, ``task_state.json``, a task's log). Each case ends with one line naming the
 link (or, for scanners, a one-line warning and the file skipped), and the link's target is untouched.
 """
