@@ -104,6 +104,25 @@ def test_foreign_truncated_and_symlinked_cache_files_are_rebuilt(tmp_path, cache
     assert other.index_fingerprint != ref.index_fingerprint
 
 
+def test_a_file_planted_at_a_temporary_name_is_never_written_into(tmp_path, cache, caplog, monkeypatch):
+    """The cache file is written through crossmae.safeio's atomic write (a fresh ``O_EXCL`` temporary
+    name): a hard link planted at the name a pid-based writer would use (``.<file>.<pid>.tmp``, the
+    pid made predictable here) keeps its content, and the rebuilt index is correct."""
+    caplog.set_level(logging.WARNING, "crossmae.index")
+    root = _places_tree(tmp_path / "places", 20)
+    want = list(load_places365(root, "train", check_files=False).samples)
+    (path,) = cache.glob("places365-*.idx")
+    path.write_bytes(b"garbage" * 10)                                  # stale: rebuilt on next load
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious\n")
+    monkeypatch.setattr(os, "getpid", lambda: 4242)                    # the child inherits it (fork)
+    os.link(victim, cache / f".{path.name}.4242.tmp")
+    again = load_places365(root, "train", check_files=False)
+    assert list(again.samples) == want and len(_builds(caplog)) == 2
+    assert victim.read_text() == "precious\n"
+    assert sorted(p.name for p in cache.iterdir() if p.name.endswith(".tmp")) == [f".{path.name}.4242.tmp"]
+
+
 def test_version_change_rebuilds(tmp_path, cache, caplog, monkeypatch):
     caplog.set_level(logging.WARNING, "crossmae.index")
     root = _places_tree(tmp_path / "places", 10)
