@@ -476,8 +476,7 @@ def load_or_build(kind: str, root: str | os.PathLike, source: str | os.PathLike,
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"{folder}: cannot create the index cache folder ({exc.strerror}); set {CACHE_ENV}") from None
-        if not folder.is_dir():
-            raise UserError(f"{folder}: index cache folder is not a folder")
+        safeio.real_dir(folder, "index cache folder")   # a symlink or a file: refused before any build
         fd = _lock(folder, f"{kind}-{key}.lock", what)
         try:
             idx, why2 = attempt()          # another process may have built it while we waited

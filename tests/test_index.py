@@ -412,6 +412,19 @@ def test_build_runs_in_a_child_and_its_errors_come_back(tmp_path, cache):
     assert idx["a"].tolist() == [0, 1, 2, 3, 4] and not idx["a"].flags.writeable and idx.meta == {"m": 1}
 
 
+def test_a_symlinked_cache_folder_is_refused_before_any_build(tmp_path, caplog, monkeypatch):
+    """Like the download cache, the index cache folder must be a real folder: a symlink there is
+    one line naming it, before the (at full size, long) build starts, and nothing is written."""
+    caplog.set_level(logging.WARNING, "crossmae.index")
+    root = _places_tree(tmp_path / "places", 5)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    monkeypatch.setenv(I.CACHE_ENV, str(tmp_path / "link"))
+    with pytest.raises(UserError, match=r"link: index cache folder is a symlink; refused"):
+        load_places365(root, "train", check_files=False)
+    assert _builds(caplog) == [] and list((tmp_path / "real").iterdir()) == []
+
+
 def test_unwritable_cache_folder_is_one_line(tmp_path, cache, monkeypatch):
     root = _places_tree(tmp_path / "places", 5)
     (tmp_path / "afile").write_text("x")
