@@ -1,4 +1,4 @@
-"""``python -m benchmarks.bootstrap_speed [--images 5000] [--resamples 10000] [--out bootstrap_speed.json]``
+"""``python -m benchmarks.bootstrap_speed [--images 5000] [--resamples 10000] [--out output/benchmarks/bootstrap_speed.json]``
 
 How long the leaderboard's paired COCO bootstrap (:mod:`benchmarks.bootstrap`) takes at COCO val2017
 size. Synthetic but realistic predictions: ``--images`` images of 640×480 with Poisson(7.3) ground
@@ -20,10 +20,15 @@ import io
 import os
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 
 from crossmae.utils import atomic_write_json, check_writable, cli_entry
+
+
+#: where the JSON goes by default (with the other benchmarks' results; ``/output*/`` is git-ignored)
+DEFAULT_OUT = Path("output/benchmarks/bootstrap_speed.json")
 
 
 def synthetic(n_images: int, seed: int = 0, noise=(0.08, 0.10)):
@@ -82,7 +87,7 @@ def main(argv=None) -> dict:
     p.add_argument("--resamples", type=int, default=10_000)
     p.add_argument("--chunk", type=int, default=250)
     p.add_argument("--workers", type=int, default=None, help="processes (default: bootstrap_values' choice)")
-    p.add_argument("--out", default="bootstrap_speed.json")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"JSON results path (default {DEFAULT_OUT})")
     a = p.parse_args(argv)
     check_writable(a.out, "--out", folder=False)  # before any work
     from pycocotools.coco import COCO

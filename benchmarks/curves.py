@@ -57,26 +57,26 @@ def find_watches(root: str | os.PathLike) -> list[Path]:
     return sorted(d for d in found if not any(".old-" in part for part in d.parts))
 
 
-def _read(path: Path) -> dict:
-    import json
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable ({type(exc).__name__})") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{path}: not a JSON object")
-    return d
+def _read(path: Path, root: Path, kind: str = "object") -> dict:
+    """A JSON file of a watched run through :func:`crossmae.safeio.load_json`: a regular file inside
+    ``root`` (the folder given; never a symlink or FIFO), bounded, of ``kind``'s schema.
+
+    Raises:
+        UserError: one line naming the file and the problem.
+    """
+    from crossmae.safeio import load_json
+    return load_json(path, kind, root)
 
 
-def _run_meta(pre: Path) -> dict:
+def _run_meta(pre: Path, root: Path) -> dict:
     """Name, method and arch of a pretraining folder (``task.json``'s suite name, else the folder
     name; method / arch from ``run.json``'s config model)."""
     meta = {"backbone": pre.name, "method": "", "arch": ""}
     try:
-        spec = _read(pre / "task.json").get("spec") if (pre / "task.json").is_file() else None
+        spec = _read(pre / "task.json", root, "task").get("spec") if (pre / "task.json").is_file() else None
         if isinstance(spec, dict) and spec.get("backbone_name"):
             meta["backbone"] = str(spec["backbone_name"])
-        ident = _read(pre / "run.json").get("identity") if (pre / "run.json").is_file() else None
+        ident = _read(pre / "run.json", root, "run").get("identity") if (pre / "run.json").is_file() else None
         model = str(((ident or {}).get("config") or {}).get("model", ""))
         if model:
             from crossmae.models import parse_model_name
@@ -110,10 +110,11 @@ def collect(root: str | os.PathLike, resamples: int = 1000, seed: int = 0, warn=
     """The curve rows of every watched pretraining under ``root`` (see the module doc), sorted by
     run, probe, metric, epoch. A malformed state or metrics file is skipped with ``warn(msg)``."""
     rows = []
+    root = Path(root)
     for wd in find_watches(root):
         pre = wd.parent
         try:
-            state = _read(wd / STATE_NAME)
+            state = _read(wd / STATE_NAME, root)
         except UserError as exc:
             if warn:
                 warn(f"{exc}; skipped")
@@ -125,7 +126,7 @@ def collect(root: str | os.PathLike, resamples: int = 1000, seed: int = 0, warn=
             if warn:
                 warn(f"{exc}; snapshots placed by epoch only")
             snaps = {}
-        meta = _run_meta(pre)
+        meta = _run_meta(pre, root)
         entries = state.get("entries") if isinstance(state.get("entries"), dict) else {}
         for e in entries.values():
             if not isinstance(e, dict) or not isinstance(e.get("epoch"), int):
@@ -142,7 +143,7 @@ def collect(root: str | os.PathLike, resamples: int = 1000, seed: int = 0, warn=
                 rows.append({**base, "metric": "", "value": None, "ci_low": None, "ci_high": None, "metrics_path": ""})
                 continue
             try:
-                m = _read(mpath)
+                m = _read(mpath, root, "metrics")   # the state names the folder: it must lie under root
             except UserError as exc:
                 if warn:
                     warn(f"{exc}; skipped")

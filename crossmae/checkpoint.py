@@ -205,20 +205,20 @@ class CheckpointManager:
 def read_snapshots(folder: str | Path) -> list[dict]:
     """The entries of ``<folder>/snapshots.json`` (``[]`` when absent), sorted by step. Each is a
     dict with ``step`` (int >= 0), ``file`` (``checkpoint-<step>.pth``, inside ``folder``) and the
-    writer's record. The file is untrusted: entries without a valid step / file name are dropped.
+    writer's record. The file is untrusted: read through :func:`crossmae.safeio.load_json` (a regular
+    file inside ``folder``, never a symlink or FIFO, bounded); entries without a valid step / file
+    name are dropped.
 
     Raises:
-        UserError: the file exists but is not a JSON object with a ``snapshots`` list.
+        UserError: the file exists but is not a regular JSON file holding an object with a
+            ``snapshots`` list.
     """
-    import json
+    from .safeio import load_json
     path = Path(folder) / SNAPSHOTS
-    if not path.is_file():
+    doc = load_json(path, "object", folder, missing_ok=True)
+    if doc is None:
         return []
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable snapshot list ({str(exc).splitlines()[0][:80]})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("snapshots"), list):
+    if not isinstance(doc.get("snapshots"), list):
         raise UserError(f"{path}: not a snapshot list (expected {{\"snapshots\": [...]}})")
     out = []
     for e in doc["snapshots"]:

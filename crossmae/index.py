@@ -23,7 +23,7 @@ A changed source, a truncated or foreign file, or another :data:`INDEX_VERSION` 
 one log line saying why. The build (including the image existence check of list-file datasets) runs
 in one process at a time per cache folder: the others wait on ``fcntl.flock`` of a lock file next to
 it, for at most ``$CROSSMAE_INDEX_LOCK_TIMEOUT`` seconds (default 3600), then fail with one line.
-Writes are atomic (temporary file, ``fsync``, ``rename``).
+Writes are atomic (:func:`crossmae.safeio.atomic_write`: temporary file, ``fsync``, ``rename``).
 
 Cache files are untrusted input: opened with ``O_NOFOLLOW`` (no symlink), regular files only, inside
 the cache folder; magic, version, key, every array's dtype / shape / extent, and per-kind invariants
@@ -50,10 +50,11 @@ import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
+from . import safeio
 from .utils import UserError, sha256_file
 
 #: Bump when the content or layout of any index changes: every cache file is rebuilt.
@@ -248,22 +249,21 @@ def _write_cache(path: Path, header: dict, arrays: dict[str, np.ndarray]) -> Non
     hb = json.dumps(header, sort_keys=True).encode()
     start = _align(len(MAGIC) + 8 + len(hb))
     header_blob = MAGIC + struct.pack("<Q", len(hb)) + hb
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header_blob + b"\0" * (start - len(header_blob)))
-            for name, a in arrays.items():
-                a = np.ascontiguousarray(a)
-                f.seek(start + table[name]["offset"])
-                f.write(a.reshape(-1).view(np.uint8))
-            f.truncate(start + pos)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def write(f) -> None:
+        f.write(header_blob + b"\0" * (start - len(header_blob)))
+        for name, a in arrays.items():
+            a = np.ascontiguousarray(a)
+            f.seek(start + table[name]["offset"])
+            f.write(a.reshape(-1).view(np.uint8))
+        f.truncate(start + pos)
+
+    # a stale cache file that is a symlink is replaced, never written through (the link goes, its
+    # target stays); the temporary file is the one of every atomic write (crossmae.safeio: an
+    # unguessable name created O_EXCL | O_NOFOLLOW in the folder, fsync, rename)
+    if path.is_symlink():
+        path.unlink()
+    safeio.atomic_write(path, write, binary=True)
 
 
 class _Stale(Exception):
@@ -476,8 +476,7 @@ def load_or_build(kind: str, root: str | os.PathLike, source: str | os.PathLike,
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"{folder}: cannot create the index cache folder ({exc.strerror}); set {CACHE_ENV}") from None
-        if not folder.is_dir():
-            raise UserError(f"{folder}: index cache folder is not a folder")
+        safeio.real_dir(folder, "index cache folder")   # a symlink or a file: refused before any build
         fd = _lock(folder, f"{kind}-{key}.lock", what)
         try:
             idx, why2 = attempt()          # another process may have built it while we waited

@@ -90,7 +90,7 @@ def resolve_config(args, preset_dir: str | Path):
 LOCK_NAME = "run.lock"
 RUN_RECORD = "run.json"
 #: Temporary files of :func:`crossmae.utils._atomic_write` (``.<name>.<random>.tmp``) and of the
-#: ADE20K overlays (``.<name>.tmp.png``): left behind only by a killed process.
+#: ADE20K overlays of older versions (``.<name>.tmp.png``): left behind only by a killed process.
 _STALE_TMP = re.compile(r"^\..+\.tmp(\.png)?$")
 
 
@@ -145,8 +145,10 @@ class RunDir:
     """
 
     def __init__(self, output_dir: str | Path, task: str, identity: dict, config_text: str,
-                 resume: str | None = None, main_process: bool | None = None):
+                 resume: str | None = None, main_process: bool | None = None,
+                 remedy: str = "choose a new --output-dir"):
         self.out = check_output_dir(output_dir)
+        self.remedy = remedy  # what a refused finished folder tells the user to do
         self.task = task
         self.identity = {"task": task, **identity}
         self.hash = identity_hash(self.identity)
@@ -177,12 +179,12 @@ class RunDir:
         except UserError as exc:
             why = str(exc).removeprefix(f"{path}: ")[:200]
             raise UserError(f"{path}: output dir holds an unreadable metrics.json ({why}); results are never "
-                            f"overwritten: choose a new --output-dir") from None
+                            f"overwritten: {self.remedy}") from None
         if old.get("run_hash") != self.hash:
             rec = self._read_record()
             what = _identity_diff(rec["identity"], self.identity) if rec else f"unknown, no {RUN_RECORD}"
             raise UserError(f"{path}: output dir holds a finished run with another config (differs in: {what}); "
-                            f"results are never overwritten: choose a new --output-dir")
+                            f"results are never overwritten: {self.remedy}")
         if self.main:
             print(f"finished run: the result is in {path} (same config; nothing to do)", file=sys.stderr)
         return old

@@ -445,7 +445,9 @@ def main(argv: list[str] | None = None) -> dict:
                 say=lambda m: print(f"[watch {time.strftime('%H:%M:%S')}] {m}", flush=True))
     ident = {"pretrain_dir": str(pre), "probes": probes, "every": args.every, "retries": args.retries,
              "config": args.config, "cfg_options": list(args.cfg_options), "data_root": data_root, "seed": args.seed}
-    run = RunDir(pre / WATCH_DIR, "watch", ident, json.dumps(ident, indent=1) + "\n")
+    run = RunDir(pre / WATCH_DIR, "watch", ident, json.dumps(ident, indent=1) + "\n",
+                 remedy=f"a pretraining has one watcher folder: move {pre / WATCH_DIR} away to watch "
+                        f"with these options")
     if run.finished is not None:
         return run.finished["metrics"]
     run.start()

@@ -204,7 +204,6 @@ def test_malformed_coco_entry_names_file_and_entry(tmp_path, data_root, case):
 
 
 def test_coco_command_refuses_negative_val_box_before_writing(tmp_path, data_root, capsys):
-    from transfer import coco
     root = tmp_path / "data"
     (root / "coco" / "annotations").mkdir(parents=True)
     for split in ("train2017", "val2017"):

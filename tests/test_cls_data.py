@@ -187,7 +187,7 @@ def test_class_count_disagrees_with_head(data_root):
 
 def test_cli_bad_input_one_line_no_metrics(data_root, tmp_path, capsys, tiny_crossmae_ckpt):
     from transfer import places
-    r = _places_copy(data_root, tmp_path, val_lines={0: "Places365_val_00000001.jpg 999"})
+    _places_copy(data_root, tmp_path, val_lines={0: "Places365_val_00000001.jpg 999"})
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         places.main(["--backbone", str(tiny_crossmae_ckpt), "--config", "smoke", "--data-root", str(tmp_path),

@@ -49,7 +49,7 @@ finally:
 
 from crossmae.utils import REPO_ROOT, load_config  # noqa: E402
 from transfer.vitdet.data import LSJ, CocoInstances, ResizeShortestEdge  # noqa: E402
-from transfer.vitdet.masks import pack_polygons, rasterize_polygons, unpack_polygons  # noqa: E402
+from transfer.vitdet.masks import rasterize_polygons, unpack_polygons  # noqa: E402
 from transfer.vitdet.model import build_model  # noqa: E402
 
 pytestmark = pytest.mark.detectron2

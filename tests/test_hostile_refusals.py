@@ -73,14 +73,14 @@ def test_submit_dry_run_checks_cfg_options_like_a_real_run(tmp_path, capsys, tin
 # --------------------------------------------------------------------------------------------------
 # crossmae.backbone export never writes into a run's folder
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("target", ["metrics.json", "checkpoint-latest.pth", "encoder.pth", "tb/encoder.pth"])
+@pytest.mark.parametrize("target", ["metrics.json", "checkpoint-latest.pth", "encoder.pth", "tensorboard/encoder.pth"])
 def test_export_never_writes_into_a_run_folder(tmp_path, capsys, tiny_mae_official, target):
     from crossmae.backbone import main
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps({"task": "linprobe", "metrics": {"top1": 70.0}}))
     (run / "run.json").write_text(json.dumps({"hash": "x", "identity": {}}))
-    (run / "tb").mkdir()
+    (run / "tensorboard").mkdir()
     before = {str(p): sha256_file(p) for p in run.rglob("*") if p.is_file()}
     msg = _exit2(main, ["export", str(tiny_mae_official), str(run / target)], capsys)
     assert f"lies in run folder {run} " in msg

@@ -1,7 +1,7 @@
 """Planted symlinks in run, suite and cache folders: never followed for a write, never read through.
 
 A careless or hostile neighbour on a shared file system plants a link where the suite writes
-(``run.lock``, ``log.txt``, ``metrics.json``, ``tb/``, the run folder itself) or where it reads back
+(``run.lock``, ``log.txt``, ``metrics.json``, ``tensorboard/``, the run folder itself) or where it reads back
 results (``metrics.json``, ``task_state.json``, a task's log). Each case ends with one line naming the
 link (or, for scanners, a one-line warning and the file skipped), and the link's target is untouched.
 """
@@ -198,3 +198,41 @@ def test_leaderboard_png_is_never_written_through_a_planted_temp_link(tmp_path):
     with pytest.raises(UserError, match=r"leaderboard.png: .*symlink"):
         build(root, out / "leaderboard.csv", resamples=50)
     assert victim.read_text() == "precious\n"
+
+
+def test_probe_curves_read_only_regular_files_inside_the_folder_given(tmp_path):
+    """The probe curves (``benchmarks.curves.collect``, run by the leaderboard) read watcher states,
+    snapshot lists and probe results as every scanner does (crossmae.safeio): a FIFO planted as a
+    ``watch_state.json`` is skipped with a warning (never opened: nothing blocks), a ``snapshots.json``
+    that is a link is not read, and a state naming a probe folder outside the folder given never gets
+    that folder's metrics into the curves."""
+    import os
+    import signal
+    from benchmarks import curves
+    root = tmp_path / "runs"
+    outside = tmp_path / "elsewhere" / "probe"
+    outside.mkdir(parents=True)
+    (outside / "metrics.json").write_text(json.dumps({"task": "linprobe", "metrics": {"top1": 99.0}}))
+    (root / "a" / "watch").mkdir(parents=True)
+    (root / "a" / "watch" / "watch_state.json").write_text(json.dumps({"entries": {"knn/ep0": {
+        "epoch": 0, "probe": "knn", "state": "done", "attempts": [{"try": 0, "dir": str(outside)}]}}}))
+    snaps = tmp_path / "elsewhere" / "snapshots.json"
+    snaps.write_text(json.dumps({"snapshots": [{"step": 0, "file": "checkpoint-0.pth", "flops": 1.0}]}))
+    (root / "a" / "snapshots.json").symlink_to(snaps)
+    (root / "b" / "watch").mkdir(parents=True)
+    os.mkfifo(root / "b" / "watch" / "watch_state.json")
+    warnings: list[str] = []
+
+    def stuck(*_):
+        raise TimeoutError("collect blocked on a planted file")
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(30)
+    try:
+        rows = curves.collect(root, resamples=10, warn=warnings.append)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert not any(r["value"] == 99.0 for r in rows), rows
+    assert any("probe/metrics.json: leads outside" in w for w in warnings), warnings
+    assert any("b/watch/watch_state.json: is not a regular file" in w for w in warnings), warnings
+    assert any("a/snapshots.json: is a symlink" in w for w in warnings), warnings

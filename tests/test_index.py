@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +102,25 @@ def test_foreign_truncated_and_symlinked_cache_files_are_rebuilt(tmp_path, cache
     assert (tmp_path / "p2" / "categories_places365.txt").read_text().startswith("/a/airfield"), \
         "the symlink target was never written"
     assert other.index_fingerprint != ref.index_fingerprint
+
+
+def test_a_file_planted_at_a_temporary_name_is_never_written_into(tmp_path, cache, caplog, monkeypatch):
+    """The cache file is written through crossmae.safeio's atomic write (a fresh ``O_EXCL`` temporary
+    name): a hard link planted at the name a pid-based writer would use (``.<file>.<pid>.tmp``, the
+    pid made predictable here) keeps its content, and the rebuilt index is correct."""
+    caplog.set_level(logging.WARNING, "crossmae.index")
+    root = _places_tree(tmp_path / "places", 20)
+    want = list(load_places365(root, "train", check_files=False).samples)
+    (path,) = cache.glob("places365-*.idx")
+    path.write_bytes(b"garbage" * 10)                                  # stale: rebuilt on next load
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious\n")
+    monkeypatch.setattr(os, "getpid", lambda: 4242)                    # the child inherits it (fork)
+    os.link(victim, cache / f".{path.name}.4242.tmp")
+    again = load_places365(root, "train", check_files=False)
+    assert list(again.samples) == want and len(_builds(caplog)) == 2
+    assert victim.read_text() == "precious\n"
+    assert sorted(p.name for p in cache.iterdir() if p.name.endswith(".tmp")) == [f".{path.name}.4242.tmp"]
 
 
 def test_version_change_rebuilds(tmp_path, cache, caplog, monkeypatch):
@@ -392,6 +410,19 @@ def test_build_runs_in_a_child_and_its_errors_come_back(tmp_path, cache):
                           lambda: made.append(1) or ({"a": np.arange(5)}, {"m": 1}, [I.dir_source(data)]))
     assert not made, "the build ran in the child process, not here"
     assert idx["a"].tolist() == [0, 1, 2, 3, 4] and not idx["a"].flags.writeable and idx.meta == {"m": 1}
+
+
+def test_a_symlinked_cache_folder_is_refused_before_any_build(tmp_path, caplog, monkeypatch):
+    """Like the download cache, the index cache folder must be a real folder: a symlink there is
+    one line naming it, before the (at full size, long) build starts, and nothing is written."""
+    caplog.set_level(logging.WARNING, "crossmae.index")
+    root = _places_tree(tmp_path / "places", 5)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    monkeypatch.setenv(I.CACHE_ENV, str(tmp_path / "link"))
+    with pytest.raises(UserError, match=r"link: index cache folder is a symlink; refused"):
+        load_places365(root, "train", check_files=False)
+    assert _builds(caplog) == [] and list((tmp_path / "real").iterdir()) == []
 
 
 def test_unwritable_cache_folder_is_one_line(tmp_path, cache, monkeypatch):

@@ -282,3 +282,15 @@ def test_cocoeval_on_resampled_ids_would_drop_duplicates():
         ev.params.imgIds = [100, 100, 100, 101]
         ev.evaluate()
     assert len(ev.params.imgIds) == 2
+
+
+def test_bootstrap_speed_writes_its_json_under_output_benchmarks(tmp_path, monkeypatch, capsys):
+    """``python -m benchmarks.bootstrap_speed`` without ``--out`` writes where the other benchmarks
+    do (``output/benchmarks/``, git-ignored), never a stray file in the working directory."""
+    from benchmarks.bootstrap_speed import main
+    monkeypatch.chdir(tmp_path)
+    rec = main(["--images", "12", "--resamples", "8", "--workers", "1"])
+    out = tmp_path / "output" / "benchmarks" / "bootstrap_speed.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["output"]
+    assert json.loads(out.read_text())["resamples"] == rec["resamples"] == 8
+    assert "wrote output/benchmarks/bootstrap_speed.json" in capsys.readouterr().out

@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from crossmae.checkpoint import WEIGHT_LIMIT, CheckpointManager, TrainingDiverge
 from crossmae.runs import RunDir
 from crossmae.utils import REPO_ROOT, safe_torch_load, sha256_file
 from transfer import ade20k, coco, finetune, linprobe, places
-from transfer.seg.testing import COCO_SEMSEG_SUBDIR, FAST_OPTIONS as ADE_FAST, tiny_checkpoint
+from transfer.seg.testing import FAST_OPTIONS as ADE_FAST, tiny_checkpoint
 
 COCO_OPTS = ["model.img_size=128", "data.image_size=128", "data.test_short_edge=128", "data.test_max_size=128",
              "train.checkpoint_period=1", "train.eval_period=0", "train.log_period=1",

@@ -50,8 +50,8 @@ def _panel(img: np.ndarray, r: int, c: int) -> np.ndarray:
 
 def test_figures_written_with_expected_panels(files, tmp_path, capsys):
     out = tmp_path / "figs"
-    summary = V.main(["--mae", str(files["mae"]), "--crossmae", str(files["cm"]), "--images", str(files["imgs"]),
-                      "--output-dir", str(out), "--seed", "3"])
+    V.main(["--mae", str(files["mae"]), "--crossmae", str(files["cm"]), "--images", str(files["imgs"]),
+            "--output-dir", str(out), "--seed", "3"])
     printed = capsys.readouterr().out
     for name in ("reconstructions.png", "crossmae_block_contributions.png", "crossmae_interblock_attention.png",
                  "mae_attention_mass.png", "summary.json"):

@@ -228,6 +228,22 @@ def test_second_watcher_is_refused_by_the_lock(tmp_path, finished, user_error):
         holder.close()
 
 
+def test_a_finished_watcher_with_other_options_names_the_way_out(tmp_path, finished, user_error):
+    """The watcher's folder is fixed (``PRETRAIN_DIR/watch``): a finished one with other options is
+    refused naming that folder to move away, not an ``--output-dir`` the command does not take."""
+    from crossmae.runs import RunDir
+    pre = _copy(finished, tmp_path)
+    old = RunDir(pre / "watch", "watch", {"every": 99}, "x\n").start()
+    try:
+        old.finish({"task": "watch", "protocol": "watch", "metrics": {"done": 0}})
+    finally:
+        old.close()
+    before = (pre / "watch" / "metrics.json").read_bytes()
+    msg = user_error(watch.main, _watch_argv(pre, tmp_path))
+    assert f"move {pre / 'watch'} away" in msg and "--output-dir" not in msg, msg
+    assert (pre / "watch" / "metrics.json").read_bytes() == before
+
+
 def test_submit_plans_a_watcher_per_pretraining(tmp_path):
     from benchmarks.suites import get_suite
     from slurm.submit import plan

@@ -278,7 +278,6 @@ class Job:
 
 
 def _check_config(cfg) -> None:
-    t = cfg.train
     if int(cfg.model.img_size) != int(cfg.data.crop_size[0]) or cfg.data.crop_size[0] != cfg.data.crop_size[1]:
         raise UserError(f"config: model.img_size ({cfg.model.img_size}) must equal the square data.crop_size "
                         f"({tuple(cfg.data.crop_size)})")
