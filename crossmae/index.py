@@ -258,10 +258,15 @@ def _write_cache(path: Path, header: dict, arrays: dict[str, np.ndarray]) -> Non
             f.write(a.reshape(-1).view(np.uint8))
         f.truncate(start + pos)
 
-    # a stale cache file that is a symlink is replaced, never written through (the link goes, its
-    # target stays); the temporary file is the one of every atomic write (crossmae.safeio: an
-    # unguessable name created O_EXCL | O_NOFOLLOW in the folder, fsync, rename)
-    if path.is_symlink():
+    # a stale cache entry that is a symlink, a FIFO or another non-regular file (never a folder) is
+    # replaced, never written through (a link goes, its target stays); the temporary file is the one
+    # of every atomic write (crossmae.safeio: an unguessable name created O_EXCL | O_NOFOLLOW in the
+    # folder, fsync, rename)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
         path.unlink()
     safeio.atomic_write(path, write, binary=True)
 
@@ -274,7 +279,8 @@ def _open_cache(path: Path, key: str) -> Index:
     """Map and check a cache file. Raises :class:`_Stale` (missing, foreign, truncated, another
     version, a symlink or not a regular file)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: a FIFO planted at the cache name must not block the open (regular files ignore it)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise _Stale("") from None
     except OSError as exc:
@@ -292,7 +298,7 @@ def _open_cache(path: Path, key: str) -> Index:
         raw = os.pread(fd, hlen, len(MAGIC) + 8)
         try:
             header = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _Stale("truncated or corrupt header") from None
         if not isinstance(header, dict) or header.get("version") != INDEX_VERSION:
             raise _Stale(f"index version {header.get('version') if isinstance(header, dict) else '?'}, "

@@ -17,12 +17,12 @@ network bandwidth.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.suites import get_suite
+from crossmae.safeio import load_json
 from crossmae.utils import atomic_write_json, cli_entry, resolve_data_root
 
 from .executor import ClusterOptions, resolve_executor
@@ -47,7 +47,7 @@ def run_layout(out: Path, data_root: str, nodes: str, tasks: str, images: int, p
         time.sleep(0.2)
     job.results()
     total = time.time() - t0
-    m = json.loads((specs[0].dir / "metrics.json").read_text())
+    m = load_json(specs[0].dir / "metrics.json", "metrics", specs[0].dir)
     return {"job_s": total, "run_wall_time_s": float(m["wall_time_s"]), "world_size": m["world_size"],
             "num_nodes": m["num_nodes"], "loss": m["metrics"].get("loss")}
 

@@ -87,6 +87,7 @@ def test_foreign_truncated_and_symlinked_cache_files_are_rebuilt(tmp_path, cache
         "bad magic": lambda: path.write_bytes(b"garbage" * 100),
         "foreign": lambda: path.write_bytes(other_path.read_bytes()),
         "symlink": lambda: (path.unlink(), path.symlink_to(tmp_path / "p2" / "categories_places365.txt")),
+        "fifo": lambda: (path.unlink(), os.mkfifo(path)),  # never opened blocking: no hang, rebuilt
         "corrupt header": lambda: path.write_bytes(data[:30] + b"}" + data[31:]),
         "label out of range": lambda: path.write_bytes(_patch(data, "labels", 3, np.int32(7))),
         "offsets decrease": lambda: path.write_bytes(_patch(data, "path_off", 5, np.int64(1))),
