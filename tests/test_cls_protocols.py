@@ -200,6 +200,16 @@ def test_feature_cache_hit_and_invalidation(data_root, tiny_crossmae_ckpt, tmp_p
     obj["key"] = dict(obj["key"], checkpoint_sha256="f" * 64)
     torch.save(obj, cache.path_for(key))
     assert cache.load(key) is None
+    # a file with the right key but shapes that do not fit (N features vs M labels, 1-D features,
+    # float labels) is a miss too, never handed to the probe
+    good = cache.make_key(block=3, pooling="token", **base)
+    obj = torch.load(cache.path_for(good))
+    feats, labels = obj["features"], obj["labels"]
+    for bad in (dict(labels=labels[:-1]), dict(features=feats[:, 0]), dict(labels=labels.float())):
+        torch.save({**obj, **bad}, cache.path_for(good))
+        assert cache.load(good) is None, list(bad)
+    torch.save(obj, cache.path_for(good))
+    assert cache.load(good) is not None
 
 
 def test_crossmae_token_feature_uses_parameter_free_norm(tiny_crossmae_ckpt):  # noqa: F811

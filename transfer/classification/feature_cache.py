@@ -135,7 +135,13 @@ class FeatureCache:
             return None
         if not isinstance(obj, dict) or obj.get("key") != key:
             return None
-        return obj["features"].half(), obj["labels"].long()
+        f, y = obj.get("features"), obj.get("labels")
+        # an untrusted file: (N, D) floating features and (N,) integer labels, else a miss (re-extracted)
+        if not (isinstance(f, torch.Tensor) and isinstance(y, torch.Tensor) and f.dim() == 2 and y.dim() == 1
+                and f.shape[0] == y.shape[0] and f.is_floating_point() and not y.is_floating_point()
+                and not y.dtype == torch.bool):
+            return None
+        return f.half(), y.long()
 
     def save(self, key: dict, feats: torch.Tensor, labels: torch.Tensor) -> Path:
         return atomic_save({"key": key, "features": feats.half().cpu(), "labels": labels.cpu()}, self.path_for(key))
